@@ -1,0 +1,57 @@
+"""Transaction tracking for business-process automation on Prefect 3 and SQLModel.
+
+Example:
+    from tracking import Platform, Process, RetryPolicy, KeyFields, Tracker, connect
+
+    process = Process("CANCELLATION", platforms=[Platform("A", order=1)],
+                      dedup=KeyFields("request_id"))
+    tracker = Tracker(connect(), processes=[process])
+    uuid, is_new = tracker.start_or_resume("CANCELLATION", {"request_id": "FE-1"})
+"""
+
+from tracking.catalog import Platform, Process, load_processes
+from tracking.db import connect
+from tracking.dedup import Custom, KeyFields, PayloadHash
+from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
+from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFailure
+from tracking.policy import RetryPolicy
+from tracking.reports import Reports
+from tracking.store import (
+    InvalidTransition,
+    LeaseLost,
+    Tracker,
+    TrackingError,
+    TransactionNotFound,
+    UnknownProcessError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BusinessError",
+    "Custom",
+    "EventKind",
+    "ExecutionResult",
+    "InvalidTransition",
+    "KeyFields",
+    "LeaseLost",
+    "Outcome",
+    "PayloadHash",
+    "Platform",
+    "Process",
+    "Reports",
+    "RetryPolicy",
+    "StageState",
+    "SystemFailure",
+    "Tracker",
+    "TrackingError",
+    "TransactionNotFound",
+    "TxEvent",
+    "TxProcess",
+    "TxStage",
+    "TxState",
+    "UnknownProcessError",
+    "__version__",
+    "connect",
+    "load_processes",
+]

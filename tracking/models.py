@@ -1,0 +1,251 @@
+"""The tracking schema as SQLModel tables.
+
+* ``TxProcess``: one transaction (a business item) of a process, with its payload.
+* ``TxStage``: the transaction's passage through one stage of one platform.
+* ``TxEvent``: the append-only audit trail (creation, every attempt, operator actions).
+* ``CatalogProcess`` / ``CatalogPlatform``: the registered process definitions, so that SQL
+  reports and the API see the catalog.
+
+Every timestamp is a timezone-aware UTC datetime (``UTCDateTime`` stores naive UTC on
+SQLite and ``timestamptz`` on PostgreSQL).
+"""
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, Relationship, SQLModel
+
+from tracking.outcomes import ErrorType, Outcome
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A datetime column that only takes and gives timezone-aware UTC values."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def _enum(cls: type[enum.Enum]) -> sa.Enum:
+    # Stored as VARCHAR (no database enum type), so adding a value needs no migration.
+    return sa.Enum(cls, native_enum=False, create_constraint=False, length=16)
+
+
+class StageState(str, enum.Enum):
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    REJECTED = "REJECTED"
+    TERMINATED = "TERMINATED"
+    EXHAUSTED = "EXHAUSTED"
+    CANCELLED = "CANCELLED"
+
+
+class TxState(str, enum.Enum):
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    REJECTED = "REJECTED"
+    TERMINATED = "TERMINATED"
+    EXHAUSTED = "EXHAUSTED"
+    CANCELLED = "CANCELLED"
+
+
+class EventKind(str, enum.Enum):
+    CREATED = "CREATED"
+    ATTEMPT = "ATTEMPT"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    CANCELLED = "CANCELLED"
+    REQUEUED = "REQUEUED"
+
+
+FINAL_STAGE_STATES = frozenset(
+    {StageState.COMPLETED, StageState.REJECTED, StageState.EXHAUSTED, StageState.CANCELLED}
+)
+OPEN_STAGE_STATES = frozenset({StageState.PENDING, StageState.TERMINATED})
+FINAL_TX_STATES = frozenset(
+    {TxState.COMPLETED, TxState.REJECTED, TxState.EXHAUSTED, TxState.CANCELLED}
+)
+
+
+class CatalogProcess(SQLModel, table=True):
+    """A registered process (what ``Tracker.register`` stores)."""
+
+    __tablename__ = "tx_catalog_process"
+
+    code: str = Field(primary_key=True, max_length=64)
+    description: str = Field(default="", sa_type=sa.Text)
+    dedup_strategy: str = Field(max_length=32)
+    dedup_fields: list[str] = Field(default_factory=list, sa_type=JSONType)
+    registered_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CatalogPlatform(SQLModel, table=True):
+    """A registered platform of a process, with its stages and retry policy."""
+
+    __tablename__ = "tx_catalog_platform"
+
+    process_code: str = Field(
+        primary_key=True, max_length=64, foreign_key="tx_catalog_process.code"
+    )
+    code: str = Field(primary_key=True, max_length=64)
+    platform_order: int
+    stages: list[str] = Field(sa_type=JSONType)
+    max_attempts: int | None = None
+    delay_seconds: float = 0.0
+    backoff: float = 1.0
+    max_delay_seconds: float | None = None
+    jitter_seconds: float = 0.0
+
+
+class TxProcess(SQLModel, table=True):
+    """One transaction: a business item going through the process's platforms."""
+
+    __tablename__ = "tx_process"
+    __table_args__ = (
+        sa.UniqueConstraint("process_code", "fingerprint", name="uq_tx_process_fingerprint"),
+        sa.Index("ix_tx_process_process_state", "process_code", "state"),
+        sa.Index("ix_tx_process_created_at", "created_at"),
+    )
+
+    uuid: str = Field(primary_key=True, max_length=36)
+    process_code: str = Field(max_length=64, foreign_key="tx_catalog_process.code")
+    fingerprint: str = Field(max_length=64)
+    business_key: str = Field(max_length=200)
+    source: str | None = Field(default=None, max_length=100)
+    payload: dict[str, Any] = Field(sa_type=JSONType)
+    state: TxState = Field(default=TxState.PENDING, sa_type=_enum(TxState))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+    stages: list["TxStage"] = Relationship(
+        sa_relationship_kwargs={"order_by": "TxStage.seq", "lazy": "raise"}
+    )
+    events: list["TxEvent"] = Relationship(
+        sa_relationship_kwargs={"order_by": "TxEvent.id", "lazy": "raise"}
+    )
+
+
+class TxStage(SQLModel, table=True):
+    """A transaction's passage through one stage of one platform.
+
+    A stage is runnable exactly when ``next_attempt_at`` is set and due: it is set only while
+    the stage is PENDING or TERMINATED, every earlier stage is COMPLETED and attempts remain.
+    That keeps "find runnable work" a single index range scan.
+    """
+
+    __tablename__ = "tx_stage"
+    __table_args__ = (
+        sa.UniqueConstraint("uuid", "seq", name="uq_tx_stage_seq"),
+        sa.UniqueConstraint("uuid", "platform", "stage", name="uq_tx_stage_platform_stage"),
+        sa.Index(
+            "ix_tx_stage_runnable",
+            "process_code",
+            "platform",
+            "stage",
+            "next_attempt_at",
+            sqlite_where=sa.text("next_attempt_at IS NOT NULL"),
+            postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
+        ),
+        sa.Index(
+            "ix_tx_stage_lease",
+            "process_code",
+            "platform",
+            "lease_expires_at",
+            sqlite_where=sa.text("lease_expires_at IS NOT NULL"),
+            postgresql_where=sa.text("lease_expires_at IS NOT NULL"),
+        ),
+        sa.Index("ix_tx_stage_process_state", "process_code", "platform", "stage", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    uuid: str = Field(max_length=36, foreign_key="tx_process.uuid")
+    process_code: str = Field(max_length=64)
+    platform: str = Field(max_length=64)
+    stage: str = Field(max_length=64)
+    seq: int
+    platform_order: int
+    state: StageState = Field(default=StageState.PENDING, sa_type=_enum(StageState))
+    attempt: int = 0
+    attempts_allowed: int | None = None
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lease_owner: str | None = Field(default=None, max_length=100)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    error_code: int | None = None
+    error_type: ErrorType | None = Field(default=None, sa_type=_enum(ErrorType))
+    error_description: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+    transaction: Optional["TxProcess"] = Relationship(  # noqa: UP045, UP037 (SQLModel needs it)
+        sa_relationship_kwargs={"lazy": "raise", "viewonly": True}
+    )
+
+
+class TxEvent(SQLModel, table=True):
+    """One entry of the audit trail. Rows are never updated or deleted (triggers enforce it)."""
+
+    __tablename__ = "tx_event"
+    __table_args__ = (
+        sa.Index("ix_tx_event_uuid", "uuid", "id"),
+        sa.Index("ix_tx_event_process_created", "process_code", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    uuid: str = Field(max_length=36, foreign_key="tx_process.uuid")
+    process_code: str = Field(max_length=64)
+    kind: EventKind = Field(sa_type=_enum(EventKind))
+    platform: str | None = Field(default=None, max_length=64)
+    stage: str | None = Field(default=None, max_length=64)
+    attempt: int | None = None
+    outcome: Outcome | None = Field(default=None, sa_type=_enum(Outcome))
+    error_code: int | None = None
+    description: str | None = Field(default=None, sa_type=sa.Text)
+    traceback: str | None = Field(default=None, sa_type=sa.Text)
+    from_state: str | None = Field(default=None, max_length=16)
+    to_state: str | None = Field(default=None, max_length=16)
+    tx_state: TxState | None = Field(default=None, sa_type=_enum(TxState))
+    actor: str | None = Field(default=None, max_length=100)
+    flow_run_id: str | None = Field(default=None, max_length=36)
+    task_run_id: str | None = Field(default=None, max_length=36)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+    @property
+    def finished_at(self) -> datetime:
+        """When the event was recorded (the end of an attempt)."""
+        return self.created_at
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.created_at - self.started_at).total_seconds() * 1000

@@ -1,0 +1,62 @@
+"""Configuration, read from ``TRACKING_*`` environment variables (or a ``.env`` file).
+
+Settings are read when asked for (``get_settings()``), never cached in a module global, so
+a test or a command can change the environment and see the change.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///tracking.db"
+DEFAULT_PROCESSES = ("flows.demo:process",)
+
+
+class Settings(BaseSettings):
+    """All settings of the framework; each is ``TRACKING_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TRACKING_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="SQLAlchemy URL of the tracking database (SQLite file or PostgreSQL).",
+    )
+    processes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_PROCESSES),
+        description="Comma-separated import paths (module:attribute) of the processes.",
+    )
+    lease_seconds: int = Field(
+        1800, gt=0, description="How long a claimed stage stays reserved for its worker."
+    )
+    api_key: str | None = Field(None, description="When set, API writes need X-API-Key.")
+    api_key_for_reads: bool = Field(False, description="When true, API reads need the key too.")
+    api_max_body_bytes: int = Field(1_000_000, gt=0, description="Largest accepted request body.")
+    api_process_mode: str = Field(
+        "inline",
+        description="POST /transactions/{uuid}/process: 'inline' runs the flow in the API "
+        "process, 'deployment' hands it to the process's Prefect deployment.",
+    )
+    log_json: bool = Field(False, description="Log JSON lines instead of text.")
+    log_level: str = Field("INFO", description="Log level of the tracking loggers.")
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_process_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in ("inline", "deployment"):
+            raise ValueError("must be 'inline' or 'deployment'")
+        return value
+
+
+def get_settings() -> Settings:
+    """Read the settings now."""
+    return Settings()

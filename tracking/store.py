@@ -1,0 +1,827 @@
+"""The tracker: every state change of transactions and stages goes through here.
+
+Example:
+    engine = connect("sqlite:///tracking.db")
+    tracker = Tracker(engine, processes=[process])
+    uuid, is_new = tracker.start_or_resume("CANCELLATION", {"request_id": "FE-1"})
+    for stage in tracker.claim("CANCELLATION", "A", owner="run-42"):
+        tracker.complete_stage(stage.uuid, "A", 0, owner="run-42")
+
+Each public method is one database transaction: the audit event and the transition it
+records commit together or not at all. Several workers may share a database: ``claim``
+hands each runnable stage to one worker only (PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite
+``BEGIN IMMEDIATE``), and completions are fenced by the claim's owner.
+
+Locks are always taken stage rows first, then the transaction row, so concurrent workers
+and operators cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid as uuid_lib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.orm import selectinload
+from sqlmodel import Session, select
+
+from tracking.catalog import Platform, Process
+from tracking.db import read_only
+from tracking.dedup import canonical_json
+from tracking.models import (
+    FINAL_STAGE_STATES,
+    FINAL_TX_STATES,
+    OPEN_STAGE_STATES,
+    CatalogPlatform,
+    CatalogProcess,
+    EventKind,
+    StageState,
+    TxEvent,
+    TxProcess,
+    TxStage,
+    TxState,
+    utcnow,
+)
+from tracking.outcomes import ExecutionResult, Outcome, to_result
+
+TX = TxProcess.__table__
+STAGE = TxStage.__table__
+EVENT = TxEvent.__table__
+MAX_OWNER_LENGTH = 100
+MAX_SOURCE_LENGTH = 100
+
+
+class TrackingError(Exception):
+    """Base class of the tracker's errors."""
+
+
+class UnknownProcessError(TrackingError, ValueError):
+    """The process code is not registered with this tracker."""
+
+
+class TransactionNotFound(TrackingError, LookupError):
+    """No transaction has this uuid."""
+
+
+class InvalidTransition(TrackingError):
+    """The requested change is not allowed from the current state."""
+
+
+class LeaseLost(InvalidTransition):
+    """The stage is no longer claimed by this owner (its lease expired and was taken over)."""
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What ``start_many`` did with one payload."""
+
+    uuid: str
+    is_new: bool
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def _validate_payload(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"payload must be a JSON object (a mapping), got {type(payload).__name__}")
+    canonical_json(payload)  # raises ValueError when not JSON-serialisable
+    for key in payload:
+        if not isinstance(key, str):
+            raise ValueError(f"payload keys must be strings, got {key!r}")
+    return dict(payload)
+
+
+def _validate_source(source: str | None) -> str | None:
+    if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE_LENGTH):
+        raise ValueError(f"source must be a string of at most {MAX_SOURCE_LENGTH} characters")
+    return source
+
+
+def _label(row: Any) -> str:
+    return f"stage {row.platform}.{row.stage} of transaction {row.uuid}"
+
+
+class Tracker:
+    """Tracks transactions of registered processes in the database behind ``engine``.
+
+    Args:
+        engine: from ``tracking.connect()``.
+        processes: processes to register right away.
+        clock: returns the current UTC time (tests pass a fake clock).
+        rng: random source for retry jitter.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        processes: Iterable[Process] = (),
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._processes: dict[str, Process] = {}
+        for process in processes:
+            self.register(process)
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def register(self, process: Process) -> Process:
+        """Make ``process`` known to this tracker and store its catalog in the database."""
+        if not isinstance(process, Process):
+            raise TypeError(f"expected a Process, got {process!r}")
+        if not process.platforms:
+            raise ValueError(f"process {process.code!r} has no platforms")
+        now = self.clock()
+        dedup = process.dedup.describe()
+        with self.engine.begin() as conn:
+            stmt = _insert(conn, CatalogProcess.__table__).values(
+                code=process.code,
+                description=process.description,
+                dedup_strategy=dedup["strategy"],
+                dedup_fields=dedup["fields"],
+                registered_at=now,
+                updated_at=now,
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["code"],
+                    set_={
+                        "description": stmt.excluded.description,
+                        "dedup_strategy": stmt.excluded.dedup_strategy,
+                        "dedup_fields": stmt.excluded.dedup_fields,
+                        "updated_at": stmt.excluded.updated_at,
+                    },
+                )
+            )
+            platforms = CatalogPlatform.__table__
+            conn.execute(sa.delete(platforms).where(platforms.c.process_code == process.code))
+            conn.execute(
+                sa.insert(platforms),
+                [
+                    {
+                        "process_code": process.code,
+                        "code": p.code,
+                        "platform_order": p.order,
+                        "stages": list(p.stages),
+                        "max_attempts": p.retry.max_attempts,
+                        "delay_seconds": p.retry.delay,
+                        "backoff": p.retry.backoff,
+                        "max_delay_seconds": p.retry.max_delay,
+                        "jitter_seconds": p.retry.jitter,
+                    }
+                    for p in process.platforms
+                ],
+            )
+        self._processes[process.code] = process
+        return process
+
+    @property
+    def processes(self) -> list[Process]:
+        return list(self._processes.values())
+
+    def process(self, code: str) -> Process:
+        """The registered process with this code (``UnknownProcessError`` otherwise)."""
+        try:
+            return self._processes[code]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self._processes)) or "none"
+            raise UnknownProcessError(
+                f"unknown process {code!r} (registered: {known})"
+            ) from None
+
+    def _platform_stage(
+        self, process_code: str, platform: str, stage: str | None
+    ) -> tuple[Process, Platform, str]:
+        process = self.process(process_code)
+        p = process.get_platform(platform)
+        return process, p, p.resolve_stage(stage)
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def start_or_resume(
+        self, process_code: str, payload: Mapping[str, Any], *, source: str | None = None
+    ) -> tuple[str, bool]:
+        """Create the transaction for ``payload`` with all its stages, unless it exists.
+
+        Returns ``(uuid, is_new)``; a duplicate (same dedup fingerprint) returns the existing
+        transaction's uuid with ``is_new=False`` and changes nothing.
+        """
+        (result,) = self.start_many(process_code, [payload], source=source)
+        return result.uuid, result.is_new
+
+    def start_many(
+        self,
+        process_code: str,
+        payloads: Sequence[Mapping[str, Any]],
+        *,
+        source: str | None = None,
+    ) -> list[Intake]:
+        """Bulk ``start_or_resume``: one database transaction for the whole batch.
+
+        Every payload is validated before anything is written; one bad payload rejects the
+        batch with an error naming its index.
+        """
+        process = self.process(process_code)
+        source = _validate_source(source)
+        prepared: list[tuple[dict[str, Any], str, str]] = []
+        for index, payload in enumerate(payloads):
+            try:
+                clean = _validate_payload(payload)
+                prepared.append(
+                    (clean, process.dedup.fingerprint(clean), process.dedup.business_key(clean))
+                )
+            except ValueError as exc:
+                prefix = f"payload #{index}: " if len(payloads) > 1 else ""
+                raise ValueError(f"{prefix}{exc}") from None
+        if not prepared:
+            return []
+        now = self.clock()
+        plan = process.stage_plan()
+        with self.engine.begin() as conn:
+            fingerprints = list({fp for _, fp, _ in prepared})
+            existing = self._uuids_by_fingerprint(conn, process_code, fingerprints)
+            new_rows: dict[str, dict[str, Any]] = {}
+            for payload, fp, key in prepared:
+                if fp not in existing and fp not in new_rows:
+                    new_rows[fp] = {
+                        "uuid": str(uuid_lib.uuid4()),
+                        "process_code": process_code,
+                        "fingerprint": fp,
+                        "business_key": key[:200],
+                        "source": source,
+                        "payload": payload,
+                        "state": TxState.PENDING,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+            created: set[str] = set()
+            if new_rows:
+                # ON CONFLICT DO NOTHING: a concurrent submission of the same item wins quietly.
+                stmt = (
+                    _insert(conn, TX)
+                    .on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
+                    .returning(TX.c.fingerprint)
+                )
+                created = {
+                    r.fingerprint
+                    for r in conn.execute(stmt, list(new_rows.values())).all()
+                }
+                lost = [fp for fp in new_rows if fp not in created]
+                if lost:
+                    existing.update(self._uuids_by_fingerprint(conn, process_code, lost))
+            if created:
+                self._insert_stages(conn, process, plan, [new_rows[fp] for fp in created], now)
+            results = []
+            seen: set[str] = set()
+            for _, fp, _ in prepared:
+                if fp in created and fp not in seen:
+                    seen.add(fp)
+                    results.append(Intake(new_rows[fp]["uuid"], True))
+                else:
+                    uuid = new_rows[fp]["uuid"] if fp in created else existing[fp]
+                    results.append(Intake(uuid, False))
+            return results
+
+    @staticmethod
+    def _uuids_by_fingerprint(
+        conn: Connection, process_code: str, fingerprints: list[str]
+    ) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for i in range(0, len(fingerprints), 500):
+            chunk = fingerprints[i : i + 500]
+            rows = conn.execute(
+                sa.select(TX.c.fingerprint, TX.c.uuid).where(
+                    TX.c.process_code == process_code, TX.c.fingerprint.in_(chunk)
+                )
+            )
+            found.update({r.fingerprint: r.uuid for r in rows})
+        return found
+
+    def _insert_stages(
+        self,
+        conn: Connection,
+        process: Process,
+        plan: list[Any],
+        txs: list[dict[str, Any]],
+        now: datetime,
+    ) -> None:
+        stage_rows = []
+        event_rows = []
+        for tx in txs:
+            for planned in plan:
+                policy = process.get_platform(planned.platform).retry
+                stage_rows.append(
+                    {
+                        "uuid": tx["uuid"],
+                        "process_code": process.code,
+                        "platform": planned.platform,
+                        "stage": planned.stage,
+                        "seq": planned.seq,
+                        "platform_order": planned.platform_order,
+                        "state": StageState.PENDING,
+                        "attempt": 0,
+                        "attempts_allowed": policy.max_attempts,
+                        # Only the first stage is reachable; the others wait for it.
+                        "next_attempt_at": now if planned.seq == 1 else None,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+            event_rows.append(
+                {
+                    "uuid": tx["uuid"],
+                    "process_code": process.code,
+                    "kind": EventKind.CREATED,
+                    "tx_state": TxState.PENDING,
+                    "description": f"created from {tx['source']}" if tx["source"] else "created",
+                    "created_at": now,
+                }
+            )
+        conn.execute(sa.insert(STAGE), stage_rows)
+        conn.execute(sa.insert(EVENT), event_rows)
+
+    # -- finding and claiming work ---------------------------------------------------------
+
+    def _runnable(
+        self, process_code: str, platform: str, stage: str, now: datetime
+    ) -> sa.Select[Any]:
+        # Matches ix_tx_stage_runnable: an index range scan that stops after `limit` rows.
+        return (
+            sa.select(STAGE.c.id)
+            .where(
+                STAGE.c.process_code == process_code,
+                STAGE.c.platform == platform,
+                STAGE.c.stage == stage,
+                STAGE.c.next_attempt_at.is_not(None),
+                STAGE.c.next_attempt_at <= now,
+            )
+            .order_by(STAGE.c.next_attempt_at, STAGE.c.id)
+        )
+
+    def get_pending_stages(
+        self,
+        process_code: str,
+        platform: str,
+        stage: str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[TxStage]:
+        """Runnable stages of one platform stage, oldest due first (read-only, one query)."""
+        _, p, stage = self._platform_stage(process_code, platform, stage)
+        now = self.clock()
+        query = (
+            select(TxStage)
+            .where(
+                TxStage.process_code == process_code,
+                TxStage.platform == p.code,
+                TxStage.stage == stage,
+                TxStage.next_attempt_at.is_not(None),  # type: ignore[union-attr]
+                TxStage.next_attempt_at <= now,  # type: ignore[operator]
+            )
+            .order_by(TxStage.next_attempt_at, TxStage.id)  # type: ignore[arg-type]
+        )
+        if limit is not None:
+            query = query.limit(_check_limit(limit))
+        with read_only(self.engine) as conn, Session(bind=conn) as session:
+            return list(session.exec(query).all())
+
+    def claim(
+        self,
+        process_code: str,
+        platform: str,
+        stage: str | None = None,
+        *,
+        owner: str,
+        limit: int = 100,
+        lease_seconds: float = 1800,
+    ) -> list[TxStage]:
+        """Reserve up to ``limit`` runnable stages for ``owner`` and start an attempt on each.
+
+        The claimed stages are IN_PROGRESS, their attempt counter already incremented, and
+        their ``transaction`` (payload, business key) loaded. No other worker can claim them
+        until ``lease_seconds`` pass; then the attempt counts as lost (a system error).
+        """
+        _, p, stage = self._platform_stage(process_code, platform, stage)
+        limit = _check_limit(limit)
+        owner = _check_owner(owner)
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        now = self.clock()
+        candidates = self._runnable(process_code, p.code, stage, now).limit(limit)
+        if self.engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        claim = (
+            sa.update(STAGE)
+            .where(STAGE.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                state=StageState.IN_PROGRESS,
+                attempt=STAGE.c.attempt + 1,
+                next_attempt_at=None,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                started_at=now,
+                updated_at=now,
+            )
+            .returning(*STAGE.c)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(claim).all()
+            if not rows:
+                return []
+            uuids = [r.uuid for r in rows]
+            conn.execute(
+                sa.update(TX)
+                .where(TX.c.uuid.in_(uuids), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]))
+                .values(state=TxState.IN_PROGRESS, updated_at=now)
+            )
+            txs = {r.uuid: r for r in conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids)))}
+        stages = []
+        for row in sorted(rows, key=lambda r: (r.next_attempt_at is None, r.id)):
+            s = TxStage(**row._mapping)
+            s.transaction = TxProcess(**txs[row.uuid]._mapping)
+            stages.append(s)
+        return stages
+
+    def extend_lease(
+        self, uuid: str, platform: str, stage: str | None = None, *, owner: str, seconds: float
+    ) -> datetime:
+        """Push back the lease of a long-running attempt (``LeaseLost`` if it was lost)."""
+        _, p, stage = self._platform_stage(self._process_of(uuid), platform, stage)
+        expires = self.clock() + timedelta(seconds=seconds)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(STAGE)
+                .where(
+                    STAGE.c.uuid == uuid,
+                    STAGE.c.platform == p.code,
+                    STAGE.c.stage == stage,
+                    STAGE.c.state == StageState.IN_PROGRESS,
+                    STAGE.c.lease_owner == owner,
+                )
+                .values(lease_expires_at=expires)
+            ).rowcount
+        if not done:
+            raise LeaseLost(f"stage {platform}.{stage} of transaction {uuid} is not claimed by {owner!r}")
+        return expires
+
+    def recover_expired_leases(
+        self, process_code: str, platform: str | None = None, *, limit: int = 1000
+    ) -> int:
+        """Count the attempts of dead workers as lost and make their stages runnable again.
+
+        Each recovered stage gets a LEASE_EXPIRED event (a system error, code -1) and goes to
+        TERMINATED (due per the retry policy) or EXHAUSTED. Returns how many were recovered.
+        """
+        process = self.process(process_code)
+        codes = [process.get_platform(platform).code] if platform else None
+        now = self.clock()
+        query = sa.select(STAGE.c.uuid).where(
+            STAGE.c.process_code == process_code,
+            STAGE.c.lease_expires_at.is_not(None),
+            STAGE.c.lease_expires_at <= now,
+        )
+        if codes:
+            query = query.where(STAGE.c.platform.in_(codes))
+        with read_only(self.engine) as conn:
+            expired = conn.execute(query.limit(_check_limit(limit, 100_000))).scalars().all()
+        recovered = 0
+        for uuid in expired:
+            with self.engine.begin() as conn:
+                recovered += self._recover_one(conn, process, uuid, now)
+        return recovered
+
+    def _recover_one(self, conn: Connection, process: Process, uuid: str, now: datetime) -> int:
+        stages, tx = self._lock(conn, uuid)
+        for row in stages:
+            lease = row.lease_expires_at
+            if row.state == StageState.IN_PROGRESS and lease is not None and lease <= now:
+                result = ExecutionResult(
+                    -1,
+                    f"lease of {row.lease_owner!r} expired at {lease.isoformat()}: "
+                    "the worker stopped before recording its attempt",
+                )
+                self._apply(
+                    conn, process, tx, stages, row, result, now,
+                    kind=EventKind.LEASE_EXPIRED, actor=row.lease_owner,
+                )
+                return 1
+        return 0
+
+    # -- recording attempts ----------------------------------------------------------------
+
+    def complete_stage(
+        self,
+        uuid: str,
+        platform: str,
+        result: ExecutionResult | int,
+        *,
+        stage: str | None = None,
+        owner: str | None = None,
+        flow_run_id: str | None = None,
+        task_run_id: str | None = None,
+    ) -> TxStage:
+        """Record an attempt's result and move the stage and transaction on.
+
+        ``result`` is an ``ExecutionResult`` or a plain int error code. Without ``owner`` the
+        stage must be runnable and unclaimed (an attempt is counted now); with ``owner`` it
+        must be claimed by that owner (``LeaseLost`` otherwise: a stale worker never
+        overwrites an attempt that was taken over).
+        """
+        result = to_result(result)
+        process = self.process(self._process_of(uuid))
+        _, p, stage = self._platform_stage(process.code, platform, stage)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            stages, tx = self._lock(conn, uuid)
+            row = next(s for s in stages if s.platform == p.code and s.stage == stage)
+            self._check_can_complete(row, owner, now)
+            return self._apply(
+                conn, process, tx, stages, row, result, now,
+                kind=EventKind.ATTEMPT, actor=owner,
+                flow_run_id=flow_run_id, task_run_id=task_run_id,
+            )
+
+    @staticmethod
+    def _check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
+        state = StageState(row.state)
+        if state in FINAL_STAGE_STATES:
+            raise InvalidTransition(f"{_label(row)} is already {state.value}")
+        if owner is not None:
+            if state != StageState.IN_PROGRESS or row.lease_owner != owner:
+                raise LeaseLost(
+                    f"{_label(row)} is no longer claimed by {owner!r} "
+                    f"(state {state.value}, owner {row.lease_owner!r})"
+                )
+            return
+        if state == StageState.IN_PROGRESS:
+            raise InvalidTransition(
+                f"{_label(row)} is claimed by {row.lease_owner!r} until "
+                f"{row.lease_expires_at.isoformat()}; pass owner= to complete it"
+            )
+        if row.next_attempt_at is None:
+            raise InvalidTransition(f"{_label(row)} is not runnable: earlier stages are not completed")
+        if row.next_attempt_at > now:
+            raise InvalidTransition(
+                f"{_label(row)} is not due until {row.next_attempt_at.isoformat()}"
+            )
+
+    def _process_of(self, uuid: str) -> str:
+        if not isinstance(uuid, str):
+            raise TransactionNotFound(f"transaction uuid must be a string, got {uuid!r}")
+        with read_only(self.engine) as conn:
+            code = conn.execute(
+                sa.select(TX.c.process_code).where(TX.c.uuid == uuid)
+            ).scalar_one_or_none()
+        if code is None:
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        return code
+
+    @staticmethod
+    def _lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
+        """Lock the transaction's stages, then the transaction (the global lock order)."""
+        stages = conn.execute(
+            sa.select(STAGE).where(STAGE.c.uuid == uuid).order_by(STAGE.c.seq).with_for_update()
+        ).all()
+        tx = conn.execute(sa.select(TX).where(TX.c.uuid == uuid).with_for_update()).one_or_none()
+        if tx is None:
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        return stages, tx
+
+    def _apply(
+        self,
+        conn: Connection,
+        process: Process,
+        tx: Row[Any],
+        stages: list[Row[Any]],
+        row: Row[Any],
+        result: ExecutionResult,
+        now: datetime,
+        *,
+        kind: EventKind,
+        actor: str | None = None,
+        flow_run_id: str | None = None,
+        task_run_id: str | None = None,
+    ) -> TxStage:
+        """Write one attempt's outcome: the stage, its neighbours, the transaction, the event."""
+        from_state = StageState(row.state)
+        attempt = row.attempt if from_state == StageState.IN_PROGRESS else row.attempt + 1
+        started_at = row.started_at if from_state == StageState.IN_PROGRESS else now
+        outcome = result.outcome
+        tx_state = TxState(tx.state)
+        later = [s for s in stages if s.seq > row.seq]
+        changes: dict[str, Any] = {
+            "attempt": attempt,
+            "next_attempt_at": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "started_at": started_at,
+            "error_code": result.error_code,
+            "error_type": result.error_type,
+            "error_description": result.description,
+            "updated_at": now,
+        }
+        if outcome == Outcome.SUCCESS:
+            changes.update(state=StageState.COMPLETED, finished_at=now)
+            if later and later[0].state == StageState.PENDING:
+                self._update_stage(conn, later[0].id, {"next_attempt_at": now, "updated_at": now})
+            new_tx_state = TxState.IN_PROGRESS if later else TxState.COMPLETED
+        elif outcome == Outcome.BUSINESS_ERROR:
+            changes.update(state=StageState.REJECTED, finished_at=now)
+            conn.execute(
+                sa.update(STAGE)
+                .where(
+                    STAGE.c.uuid == row.uuid,
+                    STAGE.c.id != row.id,
+                    STAGE.c.state.in_(list(OPEN_STAGE_STATES)),
+                )
+                .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=now,
+                        finished_at=now, error_description="cancelled: an earlier stage was rejected")
+            )
+            new_tx_state = TxState.REJECTED
+        else:
+            allowed = row.attempts_allowed
+            if allowed is not None and attempt >= allowed:
+                changes.update(state=StageState.EXHAUSTED, finished_at=now)
+                new_tx_state = TxState.EXHAUSTED
+            else:
+                policy = process.get_platform(row.platform).retry
+                delay = policy.delay_after(attempt, self.rng)
+                changes.update(state=StageState.TERMINATED,
+                               next_attempt_at=now + timedelta(seconds=delay))
+                new_tx_state = TxState.TERMINATED
+        # An operator's cancel stands even if a running attempt finishes afterwards.
+        if tx_state == TxState.CANCELLED:
+            new_tx_state = TxState.CANCELLED
+            if changes["next_attempt_at"] is not None:
+                changes.update(state=StageState.CANCELLED, next_attempt_at=None, finished_at=now)
+        fence = {"state": from_state, "lease_owner": row.lease_owner}
+        self._update_stage(conn, row.id, changes, fence=fence)
+        self._set_tx_state(conn, tx, new_tx_state, now)
+        conn.execute(
+            sa.insert(EVENT).values(
+                uuid=row.uuid,
+                process_code=row.process_code,
+                kind=kind,
+                platform=row.platform,
+                stage=row.stage,
+                attempt=attempt,
+                outcome=outcome,
+                error_code=result.error_code,
+                description=result.description,
+                traceback=result.traceback,
+                from_state=from_state.value,
+                to_state=StageState(changes["state"]).value,
+                tx_state=new_tx_state,
+                actor=actor,
+                flow_run_id=flow_run_id,
+                task_run_id=task_run_id,
+                started_at=started_at,
+                created_at=now,
+            )
+        )
+        return TxStage(**{**row._mapping, **changes})
+
+    @staticmethod
+    def _update_stage(
+        conn: Connection, stage_id: int, values: dict[str, Any], fence: dict[str, Any] | None = None
+    ) -> None:
+        stmt = sa.update(STAGE).where(STAGE.c.id == stage_id).values(**values)
+        for column, expected in (fence or {}).items():
+            col = STAGE.c[column]
+            stmt = stmt.where(col.is_(None) if expected is None else col == expected)
+        if conn.execute(stmt).rowcount != 1:
+            # Only reachable if the locks above were bypassed; never write a stale attempt.
+            raise LeaseLost(f"stage {stage_id} changed while it was being recorded")
+
+    @staticmethod
+    def _set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
+        values: dict[str, Any] = {"state": state, "updated_at": now}
+        if state in FINAL_TX_STATES and tx.finished_at is None:
+            values["finished_at"] = now
+        elif state not in FINAL_TX_STATES:
+            values["finished_at"] = None
+        conn.execute(sa.update(TX).where(TX.c.uuid == tx.uuid).values(**values))
+
+    # -- operator actions ------------------------------------------------------------------
+
+    def cancel(self, uuid: str, *, reason: str, actor: str | None = None) -> TxProcess:
+        """Cancel a transaction that is not final: its open stages become CANCELLED.
+
+        A stage that is running right now finishes its attempt (it is recorded), but nothing
+        runs after it.
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("cancel needs a reason")
+        self._process_of(uuid)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            stages, tx = self._lock(conn, uuid)
+            if TxState(tx.state) in FINAL_TX_STATES:
+                raise InvalidTransition(f"transaction {uuid} is already {TxState(tx.state).value}")
+            conn.execute(
+                sa.update(STAGE)
+                .where(STAGE.c.uuid == uuid, STAGE.c.state.in_(list(OPEN_STAGE_STATES)))
+                .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=now,
+                        finished_at=now, error_description=f"cancelled: {reason}")
+            )
+            self._set_tx_state(conn, tx, TxState.CANCELLED, now)
+            self._operator_event(conn, tx, EventKind.CANCELLED, reason, actor, now)
+        return self.get_transaction(uuid)
+
+    def requeue(
+        self, uuid: str, *, actor: str | None = None, reason: str | None = None
+    ) -> TxProcess:
+        """Give a stopped transaction another go from its first unfinished stage.
+
+        Allowed for EXHAUSTED, TERMINATED, REJECTED and CANCELLED transactions: the stage
+        that stopped (and every later one) is PENDING again with a fresh set of attempts
+        per the platform's current retry policy, due now. Completed stages are kept.
+        """
+        process = self.process(self._process_of(uuid))
+        now = self.clock()
+        with self.engine.begin() as conn:
+            stages, tx = self._lock(conn, uuid)
+            state = TxState(tx.state)
+            if state in (TxState.COMPLETED, TxState.PENDING, TxState.IN_PROGRESS):
+                raise InvalidTransition(
+                    f"transaction {uuid} is {state.value}: only stopped transactions "
+                    "(EXHAUSTED, TERMINATED, REJECTED, CANCELLED) can be requeued"
+                )
+            if any(s.state == StageState.IN_PROGRESS for s in stages):
+                raise InvalidTransition(f"transaction {uuid} has a stage running right now")
+            first = True
+            for s in stages:
+                if s.state == StageState.COMPLETED:
+                    continue
+                policy = process.get_platform(s.platform).retry
+                allowed = None if policy.max_attempts is None else s.attempt + policy.max_attempts
+                self._update_stage(conn, s.id, {
+                    "state": StageState.PENDING, "attempts_allowed": allowed,
+                    "next_attempt_at": now if first else None, "finished_at": None,
+                    "error_code": None, "error_type": None, "error_description": None,
+                    "updated_at": now,
+                })
+                first = False
+            any_done = any(s.state == StageState.COMPLETED for s in stages)
+            new_state = TxState.IN_PROGRESS if any_done else TxState.PENDING
+            self._set_tx_state(conn, tx, new_state, now)
+            self._operator_event(conn, tx, EventKind.REQUEUED, reason or "requeued", actor, now,
+                                 to_state=new_state)
+        return self.get_transaction(uuid)
+
+    @staticmethod
+    def _operator_event(
+        conn: Connection,
+        tx: Row[Any],
+        kind: EventKind,
+        description: str,
+        actor: str | None,
+        now: datetime,
+        to_state: TxState | None = None,
+    ) -> None:
+        conn.execute(
+            sa.insert(EVENT).values(
+                uuid=tx.uuid, process_code=tx.process_code, kind=kind, description=description,
+                from_state=TxState(tx.state).value,
+                to_state=(to_state or TxState.CANCELLED).value,
+                tx_state=to_state or TxState.CANCELLED, actor=actor, created_at=now,
+            )
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get_transaction(self, uuid: str) -> TxProcess:
+        """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
+        query = (
+            select(TxProcess)
+            .where(TxProcess.uuid == uuid)
+            .options(selectinload(TxProcess.stages), selectinload(TxProcess.events))  # type: ignore[arg-type]
+        )
+        with read_only(self.engine) as conn, Session(bind=conn) as session:
+            tx = session.exec(query).one_or_none()
+            if tx is None:
+                raise TransactionNotFound(f"no transaction {uuid!r}")
+            return tx
+
+
+def _check_limit(limit: Any, maximum: int = 10_000) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise ValueError(f"limit must be an int from 1 to {maximum}, got {limit!r}")
+    return limit
+
+
+def _check_owner(owner: Any) -> str:
+    if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER_LENGTH:
+        raise ValueError(f"owner must be a non-empty string of at most {MAX_OWNER_LENGTH} chars")
+    return owner
