@@ -41,7 +41,9 @@ def cancellation_process() -> Process:
         "CANCELLATION",
         platforms=[
             Platform("A", order=1, stages=("validate",), retry=RetryPolicy(max_attempts=1)),
-            Platform("B", order=2, stages=("process", "confirm"), retry=RetryPolicy(max_attempts=2)),
+            Platform(
+                "B", order=2, stages=("process", "confirm"), retry=RetryPolicy(max_attempts=2)
+            ),
             Platform("C", order=3),
         ],
         dedup=KeyFields("request_id"),

@@ -55,7 +55,7 @@ def _enum(cls: type[enum.Enum]) -> sa.Enum:
     return sa.Enum(cls, native_enum=False, create_constraint=False, length=16)
 
 
-class StageState(str, enum.Enum):
+class StageState(enum.StrEnum):
     PENDING = "PENDING"
     IN_PROGRESS = "IN_PROGRESS"
     COMPLETED = "COMPLETED"
@@ -65,7 +65,7 @@ class StageState(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
-class TxState(str, enum.Enum):
+class TxState(enum.StrEnum):
     PENDING = "PENDING"
     IN_PROGRESS = "IN_PROGRESS"
     COMPLETED = "COMPLETED"
@@ -75,7 +75,7 @@ class TxState(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     CREATED = "CREATED"
     ATTEMPT = "ATTEMPT"
     LEASE_EXPIRED = "LEASE_EXPIRED"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """What an attempt amounted to."""
 
     SUCCESS = "SUCCESS"
@@ -33,7 +33,7 @@ class Outcome(str, enum.Enum):
     SYSTEM_ERROR = "SYSTEM_ERROR"
 
 
-class ErrorType(str, enum.Enum):
+class ErrorType(enum.StrEnum):
     """The kind of error kept on a stage (``None`` when it succeeded)."""
 
     BUSINESS = "BUSINESS"

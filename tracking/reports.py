@@ -248,5 +248,7 @@ def to_csv(rows: Sequence[Any], columns: Sequence[str] | None = None) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for d in dicts:
-        writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in d.items()})
+        writer.writerow(
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in d.items()}
+        )
     return buf.getvalue()

@@ -417,6 +417,9 @@ class Tracker:
         owner = _check_owner(owner)
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        # Stages of dead workers first: their lost attempt is recorded and they become
+        # runnable again (one indexed query when there are none).
+        self.recover_expired_leases(process_code, p.code)
         now = self.clock()
         candidates = self._runnable(process_code, p.code, stage, now).limit(limit)
         if self.engine.dialect.name == "postgresql":
@@ -472,7 +475,9 @@ class Tracker:
                 .values(lease_expires_at=expires)
             ).rowcount
         if not done:
-            raise LeaseLost(f"stage {platform}.{stage} of transaction {uuid} is not claimed by {owner!r}")
+            raise LeaseLost(
+                f"stage {platform}.{stage} of transaction {uuid} is not claimed by {owner!r}"
+            )
         return expires
 
     def recover_expired_leases(
@@ -570,7 +575,9 @@ class Tracker:
                 f"{row.lease_expires_at.isoformat()}; pass owner= to complete it"
             )
         if row.next_attempt_at is None:
-            raise InvalidTransition(f"{_label(row)} is not runnable: earlier stages are not completed")
+            raise InvalidTransition(
+                f"{_label(row)} is not runnable: earlier stages are not completed"
+            )
         if row.next_attempt_at > now:
             raise InvalidTransition(
                 f"{_label(row)} is not due until {row.next_attempt_at.isoformat()}"
@@ -645,8 +652,13 @@ class Tracker:
                     STAGE.c.id != row.id,
                     STAGE.c.state.in_(list(OPEN_STAGE_STATES)),
                 )
-                .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=now,
-                        finished_at=now, error_description="cancelled: an earlier stage was rejected")
+                .values(
+                    state=StageState.CANCELLED,
+                    next_attempt_at=None,
+                    updated_at=now,
+                    finished_at=now,
+                    error_description="cancelled: an earlier stage was rejected",
+                )
             )
             new_tx_state = TxState.REJECTED
         else:

@@ -1,7 +1,7 @@
 """Initial schema: catalog, transactions, stages and the append-only event log.
 
 Revision ID: 0001
-Revises: 
+Revises:
 """
 
 import sqlalchemy as sa

@@ -1,0 +1,154 @@
+"""Several workers on one database: dedup races, claims, leases and crashes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from tests import workers
+from tests.conftest import cancellation_process
+from tracking import LeaseLost, StageState, Tracker, TxState, connect
+from tracking.models import EventKind
+from tracking.outcomes import Outcome
+
+P = "CANCELLATION"
+SPAWN = mp.get_context("spawn")
+
+
+def _run_processes(target, args_list):
+    procs = [SPAWN.Process(target=target, args=args) for args in args_list]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def test_eight_processes_submitting_one_item_create_one_transaction(db_url):
+    connect(db_url).dispose()  # migrate once up front
+    barrier, results = SPAWN.Barrier(8), SPAWN.Queue()
+    procs = _run_processes(workers.submit_same_item, [(db_url, barrier, results)] * 8)
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert len({uuid for uuid, _ in outcomes}) == 1
+    assert sum(is_new for _, is_new in outcomes) == 1
+    engine = connect(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM tx_process")).scalar() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM tx_stage")).scalar() == 4
+        assert conn.execute(sa.text("SELECT count(*) FROM tx_event")).scalar() == 1
+
+
+def test_eight_threads_submitting_one_item_create_one_transaction(tracker):
+    barrier, results = threading.Barrier(8), []
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        results.append(tracker.start_or_resume(P, {"request_id": "SAME-2", "n": n}))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({uuid for uuid, _ in results}) == 1
+    assert sorted(is_new for _, is_new in results) == [False] * 7 + [True]
+
+
+def test_concurrent_claims_never_share_a_stage(db_url):
+    tracker = Tracker(connect(db_url), processes=[cancellation_process()])
+    results = tracker.start_many(P, [{"request_id": f"R{i}"} for i in range(150)])
+    assert all(r.is_new for r in results)
+    barrier, queue = SPAWN.Barrier(4), SPAWN.Queue()
+    procs = _run_processes(
+        workers.claim_until_empty, [(db_url, f"w{i}", barrier, queue) for i in range(4)]
+    )
+    claimed = [queue.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    ids = [i for batch in claimed for i in batch]
+    assert len(ids) == len(set(ids)) == 150  # each stage claimed exactly once
+    with tracker.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT attempt, state FROM tx_stage WHERE platform = 'A'")
+        ).all()
+        attempts = conn.execute(
+            sa.text("SELECT count(*) FROM tx_event WHERE kind = 'ATTEMPT'")
+        ).scalar()
+    assert {(r.attempt, r.state) for r in rows} == {(1, "COMPLETED")}
+    assert attempts == 150  # every attempt counted exactly once
+
+
+def test_expired_lease_is_recorded_and_taken_over(tracker, clock):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.complete_stage(uuid, "A", 0)
+    (stage,) = tracker.claim(P, "B", stage="process", owner="w1", lease_seconds=60)
+    assert stage.attempt == 1
+    assert tracker.claim(P, "B", stage="process", owner="w2") == []  # still leased
+    clock.advance(61)
+    (again,) = tracker.claim(P, "B", stage="process", owner="w2")
+    assert again.uuid == uuid and again.attempt == 2
+    lost = [e for e in tracker.get_transaction(uuid).events if e.kind == EventKind.LEASE_EXPIRED]
+    assert len(lost) == 1
+    assert (lost[0].attempt, lost[0].outcome, lost[0].actor) == (1, Outcome.SYSTEM_ERROR, "w1")
+    with pytest.raises(LeaseLost):  # the stale worker cannot overwrite the new attempt
+        tracker.complete_stage(uuid, "B", 0, stage="process", owner="w1")
+    final = tracker.complete_stage(uuid, "B", 0, stage="process", owner="w2")
+    assert final.state == StageState.COMPLETED and final.attempt == 2
+
+
+def test_expired_lease_on_last_attempt_exhausts_the_stage(tracker, clock):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.claim(P, "A", owner="w1", lease_seconds=10)  # A allows one attempt
+    clock.advance(11)
+    assert tracker.recover_expired_leases(P) == 1
+    tx = tracker.get_transaction(uuid)
+    assert tx.stages[0].state == StageState.EXHAUSTED and tx.state == TxState.EXHAUSTED
+    assert tracker.recover_expired_leases(P) == 0
+
+
+def test_extend_lease_keeps_a_long_attempt(tracker, clock):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.claim(P, "A", owner="w1", lease_seconds=10)
+    clock.advance(8)
+    tracker.extend_lease(uuid, "A", owner="w1", seconds=60)
+    clock.advance(30)
+    assert tracker.recover_expired_leases(P) == 0
+    assert tracker.complete_stage(uuid, "A", 0, owner="w1").state == StageState.COMPLETED
+    with pytest.raises(LeaseLost):
+        tracker.extend_lease(uuid, "A", owner="w1", seconds=60)
+
+
+def test_worker_killed_with_sigkill_loses_no_item(db_url):
+    tracker = Tracker(connect(db_url), processes=[cancellation_process()])
+    tracker.start_many(P, [{"request_id": f"K{i}"} for i in range(20)])
+    ready = SPAWN.Event()
+    (proc,) = _run_processes(workers.claim_then_die, [(db_url, ready)])
+    assert ready.wait(120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert tracker.claim(P, "A", owner="survivor", limit=100) == []  # leases still held
+    time.sleep(1.2)
+    taken = tracker.claim(P, "A", owner="survivor", limit=100)
+    assert len(taken) == 0  # A allows one attempt: the lost attempt exhausted every stage
+    with tracker.engine.connect() as conn:
+        states = conn.execute(
+            sa.text("SELECT state, count(*) FROM tx_stage WHERE platform='A' GROUP BY state")
+        ).all()
+        lost = conn.execute(
+            sa.text("SELECT count(*) FROM tx_event WHERE kind='LEASE_EXPIRED' AND attempt=1")
+        ).scalar()
+    assert dict(states) == {"EXHAUSTED": 20}
+    assert lost == 20
+    # An operator requeues them and a healthy worker finishes the job.
+    uuids = [r.uuid for r in tracker.start_many(P, [{"request_id": f"K{i}"} for i in range(20)])]
+    for uuid in uuids:
+        tracker.requeue(uuid, actor="ops")
+    done = tracker.claim(P, "A", owner="survivor", limit=100)
+    assert len(done) == 20 and {s.attempt for s in done} == {2}
