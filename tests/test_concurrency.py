@@ -152,3 +152,34 @@ def test_worker_killed_with_sigkill_loses_no_item(db_url):
         tracker.requeue(uuid, actor="ops")
     done = tracker.claim(P, "A", owner="survivor", limit=100)
     assert len(done) == 20 and {s.attempt for s in done} == {2}
+
+
+def test_a_run_never_reclaims_a_stage_it_just_attempted(tracker):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.complete_stage(uuid, "A", 0)
+    for _ in range(2):
+        tracker.start_or_resume(P, {"request_id": "other"})
+    (stage,) = tracker.claim(P, "B", stage="process", owner="run-1")
+    tracker.complete_stage(uuid, "B", -1, stage="process", owner="run-1")  # due again at once
+    assert tracker.claim(P, "B", stage="process", owner="run-1") == []  # not in a tight loop
+    (again,) = tracker.claim(P, "B", stage="process", owner="run-2")  # the next run retries
+    assert again.attempt == 2
+
+
+def test_claim_stage_allows_an_in_run_retry(tracker, clock):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.complete_stage(uuid, "A", 0)
+    tracker.claim(P, "B", stage="process", owner="run-1")
+    tracker.complete_stage(uuid, "B", -1, stage="process", owner="run-1")
+    retry = tracker.claim_stage(uuid, "B", stage="process", owner="run-1")
+    assert retry is not None and retry.attempt == 2 and retry.state == StageState.IN_PROGRESS
+    assert tracker.claim_stage(uuid, "B", stage="process", owner="run-2") is None  # taken
+    tracker.complete_stage(uuid, "B", -1, stage="process", owner="run-1")  # exhausted (2 of 2)
+    assert tracker.claim_stage(uuid, "B", stage="process", owner="run-1") is None
+
+
+def test_claim_can_be_limited_to_one_transaction(tracker):
+    uuids = [tracker.start_or_resume(P, {"request_id": f"U{i}"})[0] for i in range(5)]
+    (stage,) = tracker.claim(P, "A", owner="api", uuid=uuids[3])
+    assert stage.uuid == uuids[3]
+    assert tracker.claim(P, "A", owner="api", uuid=uuids[3]) == []

@@ -405,12 +405,17 @@ class Tracker:
         owner: str,
         limit: int = 100,
         lease_seconds: float = 1800,
+        uuid: str | None = None,
     ) -> list[TxStage]:
         """Reserve up to ``limit`` runnable stages for ``owner`` and start an attempt on each.
 
         The claimed stages are IN_PROGRESS, their attempt counter already incremented, and
         their ``transaction`` (payload, business key) loaded. No other worker can claim them
         until ``lease_seconds`` pass; then the attempt counts as lost (a system error).
+
+        An owner stands for one run: it is never handed a stage whose last attempt it made
+        itself, so a failing stage is retried by a later run (or by an in-run retry through
+        ``claim_stage``), never in a tight loop. ``uuid`` limits the claim to one transaction.
         """
         _, p, stage = self._platform_stage(process_code, platform, stage)
         limit = _check_limit(limit)
@@ -421,12 +426,49 @@ class Tracker:
         # runnable again (one indexed query when there are none).
         self.recover_expired_leases(process_code, p.code)
         now = self.clock()
-        candidates = self._runnable(process_code, p.code, stage, now).limit(limit)
+        candidates = self._runnable(process_code, p.code, stage, now).where(
+            sa.or_(STAGE.c.lease_owner.is_(None), STAGE.c.lease_owner != owner)
+        )
+        if uuid is not None:
+            candidates = candidates.where(STAGE.c.uuid == uuid)
+        return self._claim_where(candidates.limit(limit), owner, lease_seconds, now)
+
+    def claim_stage(
+        self,
+        uuid: str,
+        platform: str,
+        stage: str | None = None,
+        *,
+        owner: str,
+        lease_seconds: float = 1800,
+    ) -> TxStage | None:
+        """Claim this one stage for an immediate retry, even if its next attempt is not due.
+
+        Used for Prefect's in-run retries. Returns None when the stage cannot run now
+        (finished, exhausted, cancelled, or claimed by another worker).
+        """
+        process = self.process(self._process_of(uuid))
+        _, p, stage = self._platform_stage(process.code, platform, stage)
+        owner = _check_owner(owner)
+        candidate = sa.select(STAGE.c.id).where(
+            STAGE.c.uuid == uuid,
+            STAGE.c.platform == p.code,
+            STAGE.c.stage == stage,
+            STAGE.c.state.in_(list(OPEN_STAGE_STATES)),
+            STAGE.c.next_attempt_at.is_not(None),
+        )
+        claimed = self._claim_where(candidate, owner, lease_seconds, self.clock())
+        return claimed[0] if claimed else None
+
+    def _claim_where(
+        self, candidates: sa.Select[Any], owner: str, lease_seconds: float, now: datetime
+    ) -> list[TxStage]:
         if self.engine.dialect.name == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
         claim = (
             sa.update(STAGE)
             .where(STAGE.c.id.in_(candidates.scalar_subquery()))
+            .where(STAGE.c.state.in_(list(OPEN_STAGE_STATES)))
             .values(
                 state=StageState.IN_PROGRESS,
                 attempt=STAGE.c.attempt + 1,
@@ -630,7 +672,7 @@ class Tracker:
         changes: dict[str, Any] = {
             "attempt": attempt,
             "next_attempt_at": None,
-            "lease_owner": None,
+            # lease_owner stays: it names the run that made the last attempt (see claim).
             "lease_expires_at": None,
             "started_at": started_at,
             "error_code": result.error_code,
@@ -779,7 +821,7 @@ class Tracker:
                 policy = process.get_platform(s.platform).retry
                 allowed = None if policy.max_attempts is None else s.attempt + policy.max_attempts
                 self._update_stage(conn, s.id, {
-                    "state": StageState.PENDING, "attempts_allowed": allowed,
+                    "state": StageState.PENDING, "attempts_allowed": allowed, "lease_owner": None,
                     "next_attempt_at": now if first else None, "finished_at": None,
                     "error_code": None, "error_type": None, "error_description": None,
                     "updated_at": now,
