@@ -172,6 +172,50 @@ class Reports:
         with read_only(self.engine) as conn, Session(bind=conn) as session:
             return list(session.exec(q).all())
 
+    def list_transactions(
+        self,
+        *,
+        process: str | None = None,
+        state: TxState | str | None = None,
+        source: str | None = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[TxProcess]:
+        """Transactions newest first (``created_at``, then ``uuid``, descending); one query.
+
+        ``created_from`` is inclusive, ``created_to`` exclusive (timezone-aware). ``before`` is
+        a keyset cursor, the ``(created_at, uuid)`` of the last row of the previous page: only
+        rows after it in this order are returned, so pages stay right while rows are added.
+        """
+        for name, value in (("created_from", created_from), ("created_to", created_to)):
+            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+                raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ValueError(f"limit must be an int from 1 to 10000, got {limit!r}")
+        q = select(TxProcess)
+        if process:
+            q = q.where(TxProcess.process_code == process)
+        if state:
+            q = q.where(TxProcess.state == TxState(state))
+        if source is not None:
+            q = q.where(TxProcess.source == source)
+        if created_from is not None:
+            q = q.where(TxProcess.created_at >= created_from)
+        if created_to is not None:
+            q = q.where(TxProcess.created_at < created_to)
+        if before is not None:
+            at, uuid = before
+            q = q.where(
+                sa.or_(
+                    TX.c.created_at < at, sa.and_(TX.c.created_at == at, TX.c.uuid < uuid)
+                )
+            )
+        q = q.order_by(TX.c.created_at.desc(), TX.c.uuid.desc()).limit(limit)
+        with read_only(self.engine) as conn, Session(bind=conn) as session:
+            return list(session.exec(q).all())
+
     def top_errors(
         self, start: datetime, end: datetime, process: str | None = None, *, limit: int = 10
     ) -> list[ErrorCount]:
