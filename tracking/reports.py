@@ -15,9 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,12 +25,25 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tracking.db import read_only
-from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
+from tracking.models import (
+    CatalogPlatform,
+    CatalogProcess,
+    EventKind,
+    StageState,
+    TxEvent,
+    TxProcess,
+    TxStage,
+    TxState,
+    utcnow,
+)
 from tracking.outcomes import Outcome
 
 TX = TxProcess.__table__
 STAGE = TxStage.__table__
 EVENT = TxEvent.__table__
+STAGE_2 = STAGE.alias("stage_2")
+CATALOG_PROCESS = CatalogProcess.__table__
+CATALOG_PLATFORM = CatalogPlatform.__table__
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,77 @@ class ErrorCount:
     count: int
     last_seen: datetime
     description: str | None
+
+
+@dataclass(frozen=True)
+class AgingItem:
+    """A transaction still waiting (PENDING, IN_PROGRESS or TERMINATED) and where it waits."""
+
+    uuid: str
+    process: str
+    business_key: str
+    state: TxState
+    platform: str
+    stage: str
+    stage_state: StageState
+    attempts: int
+    attempts_allowed: int | None
+    next_attempt_at: datetime | None
+    error_code: int | None
+    error_description: str | None
+    created_at: datetime
+    age_seconds: float
+
+
+@dataclass(frozen=True)
+class AttemptCount:
+    """How many stages of a platform took ``attempts`` attempts (0: not tried yet)."""
+
+    platform: str
+    attempts: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class HourlyThroughput:
+    """Transactions that finished in the hour starting at ``hour``, by final state."""
+
+    hour: datetime
+    completed: int
+    rejected: int
+    exhausted: int
+    cancelled: int
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.rejected + self.exhausted + self.cancelled
+
+
+@dataclass(frozen=True)
+class StageDuration:
+    """Attempt durations of one platform: count, mean, 95th percentile (nearest rank), max."""
+
+    process: str
+    platform: str
+    attempts: int
+    mean_seconds: float
+    p95_seconds: float
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class RequeueCandidate:
+    """A stopped transaction an operator may requeue, with the stage where it stopped."""
+
+    uuid: str
+    process: str
+    business_key: str
+    state: TxState
+    platform: str
+    stage: str
+    error_code: int | None
+    error_description: str | None
+    updated_at: datetime
 
 
 def _check_window(start: datetime, end: datetime) -> None:
@@ -253,6 +337,266 @@ class Reports:
             for r in self._rows(q)
         ]
 
+    def aging(
+        self,
+        process: str | None = None,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        now: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[AgingItem]:
+        """Transactions still waiting, oldest first, with the stage they wait at (one query).
+
+        Waiting means PENDING (nothing ran yet), IN_PROGRESS, or TERMINATED (a system error,
+        retried later); the stage is the first one not COMPLETED. ``age_seconds`` is
+        ``now - created_at``. ``start``/``end`` limit it to transactions created then.
+
+        Example:
+            for item in reports.aging(process="CANCELLATION", limit=20):
+                print(item.uuid, item.platform, round(item.age_seconds / 3600, 1), "hours")
+        """
+        now = _aware(now, "now") or utcnow()
+        first_open = (
+            sa.select(sa.func.min(STAGE_2.c.seq))
+            .where(STAGE_2.c.uuid == TX.c.uuid, STAGE_2.c.state != StageState.COMPLETED)
+            .scalar_subquery()
+        )
+        q = (
+            sa.select(
+                TX.c.uuid, TX.c.process_code, TX.c.business_key, TX.c.state, TX.c.created_at,
+                STAGE.c.platform, STAGE.c.stage, STAGE.c.state.label("stage_state"),
+                STAGE.c.attempt, STAGE.c.attempts_allowed, STAGE.c.next_attempt_at,
+                STAGE.c.error_code, STAGE.c.error_description,
+            )
+            .select_from(TX.join(STAGE, sa.and_(STAGE.c.uuid == TX.c.uuid,
+                                                STAGE.c.seq == first_open)))
+            .where(TX.c.state.in_(list(WAITING_TX_STATES)))
+            .order_by(TX.c.created_at, TX.c.uuid)
+        )
+        if process:
+            q = q.where(TX.c.process_code == process)
+        if _aware(start, "start") is not None:
+            q = q.where(TX.c.created_at >= start)
+        if _aware(end, "end") is not None:
+            q = q.where(TX.c.created_at < end)
+        if limit:
+            q = q.limit(limit)
+        return [
+            AgingItem(
+                r.uuid, r.process_code, r.business_key, TxState(r.state), r.platform, r.stage,
+                StageState(r.stage_state), r.attempt, r.attempts_allowed, r.next_attempt_at,
+                r.error_code, r.error_description, r.created_at,
+                round((now - r.created_at).total_seconds(), 3),
+            )
+            for r in self._rows(q)
+        ]
+
+    def attempts_distribution(
+        self, start: datetime, end: datetime, process: str | None = None
+    ) -> list[AttemptCount]:
+        """Stages of transactions created in the window, counted by platform and attempts made.
+
+        Example:
+            {(r.platform, r.attempts): r.stages for r in reports.attempts_distribution(s, e)}
+        """
+        q = (
+            sa.select(STAGE.c.platform, STAGE.c.attempt, sa.func.count().label("n"))
+            .select_from(STAGE.join(TX, TX.c.uuid == STAGE.c.uuid))
+            .group_by(STAGE.c.platform_order, STAGE.c.platform, STAGE.c.attempt)
+        )
+        q = self._tx_window(q, start, end, process).order_by(
+            STAGE.c.platform_order, STAGE.c.platform, STAGE.c.attempt
+        )
+        return [AttemptCount(r.platform, r.attempt, r.n) for r in self._rows(q)]
+
+    def throughput_by_hour(
+        self, start: datetime, end: datetime, process: str | None = None
+    ) -> list[HourlyThroughput]:
+        """Transactions finished per UTC hour of the window, by final state; one row per hour.
+
+        Hours with nothing finished are included with zeros, so the rows chart directly.
+
+        Example:
+            for row in reports.throughput_by_hour(now - timedelta(hours=24), now):
+                print(row.hour.strftime("%H:00"), row.completed)
+        """
+        _check_window(start, end)
+        bucket = _hour_bucket(TX.c.finished_at, self.engine.dialect.name).label("hour")
+        inner = sa.select(bucket, TX.c.state).where(
+            TX.c.finished_at >= start, TX.c.finished_at < end
+        )
+        if process:
+            inner = inner.where(TX.c.process_code == process)
+        finished = inner.subquery()
+
+        def count(state: TxState) -> Any:
+            return sa.func.sum(sa.case((finished.c.state == state, 1), else_=0))
+
+        q = sa.select(
+            finished.c.hour,
+            count(TxState.COMPLETED).label("completed"),
+            count(TxState.REJECTED).label("rejected"),
+            count(TxState.EXHAUSTED).label("exhausted"),
+            count(TxState.CANCELLED).label("cancelled"),
+        ).group_by(finished.c.hour)
+        found = {_hour_value(r.hour): r for r in self._rows(q)}
+        rows = []
+        for hour in _hours(start, end):
+            r = found.get(hour)
+            counts = (r.completed, r.rejected, r.exhausted, r.cancelled) if r else (0, 0, 0, 0)
+            rows.append(HourlyThroughput(hour, *(int(n) for n in counts)))
+        return rows
+
+    def stage_durations(
+        self, start: datetime, end: datetime, process: str | None = None
+    ) -> list[StageDuration]:
+        """Mean, p95 (nearest rank) and max attempt duration per process and platform.
+
+        Counts the attempts recorded in the window (``started_at`` to the event's
+        ``created_at``); one query, the percentile picked in SQL with window functions.
+
+        Example:
+            for row in reports.stage_durations(start, end):
+                print(row.platform, row.mean_seconds, row.p95_seconds)
+        """
+        _check_window(start, end)
+        seconds = _seconds_between(EVENT.c.started_at, EVENT.c.created_at, self.engine.dialect)
+        attempts = sa.select(EVENT.c.process_code, EVENT.c.platform, seconds.label("seconds"))
+        attempts = attempts.where(
+            EVENT.c.kind == EventKind.ATTEMPT,
+            EVENT.c.started_at.is_not(None),
+            EVENT.c.created_at >= start,
+            EVENT.c.created_at < end,
+        )
+        if process:
+            attempts = attempts.where(EVENT.c.process_code == process)
+        d = attempts.subquery()
+        part = [d.c.process_code, d.c.platform]
+        ranked = sa.select(
+            d.c.process_code, d.c.platform, d.c.seconds,
+            sa.func.row_number().over(partition_by=part, order_by=d.c.seconds).label("rank"),
+            sa.func.count().over(partition_by=part).label("n"),
+            sa.func.avg(d.c.seconds).over(partition_by=part).label("mean"),
+            sa.func.max(d.c.seconds).over(partition_by=part).label("longest"),
+        ).subquery()
+        catalog = CATALOG_PLATFORM
+        q = (
+            sa.select(ranked.c.process_code, ranked.c.platform, ranked.c.n, ranked.c.mean,
+                      ranked.c.seconds.label("p95"), ranked.c.longest)
+            .select_from(ranked.outerjoin(catalog, sa.and_(
+                catalog.c.process_code == ranked.c.process_code,
+                catalog.c.code == ranked.c.platform,
+            )))
+            # nearest rank: the smallest rank with rank >= 0.95 * n
+            .where(ranked.c.rank * 100 >= ranked.c.n * 95,
+                   (ranked.c.rank - 1) * 100 < ranked.c.n * 95)
+            .order_by(ranked.c.process_code, catalog.c.platform_order, ranked.c.platform)
+        )
+        return [
+            StageDuration(r.process_code, r.platform, r.n, round(float(r.mean), 3),
+                          round(float(r.p95), 3), round(float(r.longest), 3))
+            for r in self._rows(q)
+        ]
+
+    def requeue_candidates(
+        self,
+        process: str,
+        state: TxState | str = TxState.EXHAUSTED,
+        *,
+        platform: str | None = None,
+        limit: int | None = None,
+    ) -> list[RequeueCandidate]:
+        """Transactions of ``process`` in ``state`` (one query), oldest change first.
+
+        With ``platform``, only those that have a stage of that platform in that state; each
+        row names the first such stage (where the transaction stopped). Used by the bulk
+        requeue of the CLI; ``Tracker.requeue`` then acts on each uuid.
+
+        Example:
+            uuids = [c.uuid for c in reports.requeue_candidates("CANCELLATION", platform="B")]
+        """
+        state = TxState(state)
+        if state not in REQUEUABLE_TX_STATES:
+            allowed = ", ".join(sorted(s.value for s in REQUEUABLE_TX_STATES))
+            raise ValueError(f"only {allowed} transactions can be requeued, not {state.value}")
+        conditions = [STAGE_2.c.uuid == TX.c.uuid, STAGE_2.c.state == StageState(state.value)]
+        if platform:
+            conditions.append(STAGE_2.c.platform == platform)
+        stopped_at = sa.select(sa.func.min(STAGE_2.c.seq)).where(*conditions).scalar_subquery()
+        q = (
+            sa.select(
+                TX.c.uuid, TX.c.process_code, TX.c.business_key, TX.c.state, TX.c.updated_at,
+                STAGE.c.platform, STAGE.c.stage, STAGE.c.error_code, STAGE.c.error_description,
+            )
+            .select_from(TX.join(STAGE, sa.and_(STAGE.c.uuid == TX.c.uuid,
+                                                STAGE.c.seq == stopped_at)))
+            .where(TX.c.process_code == process, TX.c.state == state)
+            .order_by(TX.c.updated_at, TX.c.uuid)
+        )
+        if limit:
+            q = q.limit(limit)
+        return [
+            RequeueCandidate(r.uuid, r.process_code, r.business_key, TxState(r.state),
+                             r.platform, r.stage, r.error_code, r.error_description,
+                             r.updated_at)
+            for r in self._rows(q)
+        ]
+
+    def existing_uuids(self, uuids: Iterable[str]) -> set[str]:
+        """Which of ``uuids`` are transactions (one query per 500 uuids)."""
+        wanted = list(dict.fromkeys(uuids))
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            q = sa.select(TX.c.uuid).where(TX.c.uuid.in_(wanted[i : i + 500]))
+            found.update(r.uuid for r in self._rows(q))
+        return found
+
+    def process_codes(self) -> list[str]:
+        """Codes of every process registered in this database's catalog."""
+        q = sa.select(CATALOG_PROCESS.c.code).order_by(CATALOG_PROCESS.c.code)
+        return [r.code for r in self._rows(q)]
+
+
+WAITING_TX_STATES = frozenset({TxState.PENDING, TxState.IN_PROGRESS, TxState.TERMINATED})
+REQUEUABLE_TX_STATES = frozenset(
+    {TxState.EXHAUSTED, TxState.TERMINATED, TxState.REJECTED, TxState.CANCELLED}
+)
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+        raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
+    return value
+
+
+def _hour_bucket(column: Any, dialect_name: str) -> Any:
+    """The UTC hour a timestamp falls in (PostgreSQL: a timestamp; SQLite: text)."""
+    if dialect_name == "postgresql":
+        utc = sa.func.timezone(sa.literal_column("'UTC'"), column)
+        return sa.func.date_trunc(sa.literal_column("'hour'"), utc)
+    return sa.func.strftime(sa.literal_column("'%Y-%m-%d %H:00:00'"), column)
+
+
+def _hour_value(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _hours(start: datetime, end: datetime) -> Iterator[datetime]:
+    hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    while hour < end:
+        yield hour
+        hour += timedelta(hours=1)
+
+
+def _seconds_between(earlier: Any, later: Any, dialect: sa.Dialect) -> Any:
+    """``later - earlier`` in seconds, as a float SQL expression."""
+    if dialect.name == "postgresql":
+        return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
+    return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
+
 
 def _as_utc(value: Any, column_type: Any, dialect: sa.Dialect) -> datetime:
     # Aggregates lose the column type on SQLite (a string comes back): convert explicitly.
@@ -296,3 +640,77 @@ def to_csv(rows: Sequence[Any], columns: Sequence[str] | None = None) -> str:
             {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in d.items()}
         )
     return buf.getvalue()
+
+
+def summary_markdown(
+    reports: Reports, start: datetime, end: datetime, process: str | None = None
+) -> str:
+    """A markdown summary of the window: totals by state, stages per platform, top errors.
+
+    The runner publishes it as a Prefect markdown artifact after each run.
+
+    Example:
+        from prefect.artifacts import create_markdown_artifact
+        create_markdown_artifact(summary_markdown(Reports(engine), start, end, "CANCELLATION"))
+    """
+    by_state = reports.summary_by_state(start, end, process)
+    stages = reports.stage_summary_by_platform(start, end, process)
+    errors = reports.top_errors(start, end, process)
+    total = sum(r.count for r in by_state)
+    title = f"Tracking summary: {process or 'all processes'}"
+    lines = [
+        f"# {title}",
+        "",
+        f"Transactions created from {_md_time(start)} to {_md_time(end)} (UTC): **{total}**",
+        "",
+        "## Transactions by state",
+        "",
+        *_md_table(["State", "Transactions"], [[r.state.value, r.count] for r in by_state]),
+        "",
+        "## Stages per platform",
+        "",
+        *_md_platform_table(stages),
+        "",
+        "## Top errors",
+        "",
+        *_md_table(
+            ["Process", "Platform", "Outcome", "Code", "Count", "Last seen", "Description"],
+            [
+                [e.process, e.platform, e.outcome.value, e.error_code, e.count,
+                 _md_time(e.last_seen), e.description or ""]
+                for e in errors
+            ],
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _md_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _md_cell(value: Any) -> str:
+    text = " ".join(str(value).split())  # one line
+    return text.replace("|", "\\|")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not rows:
+        return ["_none_"]
+    align = ["---:" if isinstance(v, int | float) else "---" for v in rows[0]]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(align) + " |",
+        *("| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows),
+    ]
+
+
+def _md_platform_table(stages: Sequence[PlatformStateCount]) -> list[str]:
+    platforms = list(dict.fromkeys(r.platform for r in stages))
+    states = [s for s in StageState if any(r.state == s for r in stages)]
+    counts = {(r.platform, r.state): r.count for r in stages}
+    rows = [
+        [p, *(counts.get((p, s), 0) for s in states), sum(counts.get((p, s), 0) for s in states)]
+        for p in platforms
+    ]
+    return _md_table(["Platform", *(s.value for s in states), "Total"], rows)
