@@ -1,0 +1,1 @@
+"""Deployments of the tracking flows (``serve`` runs them all from one local process)."""

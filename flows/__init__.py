@@ -1,0 +1,1 @@
+"""Processes built with the tracking framework."""

@@ -1,0 +1,57 @@
+"""Processes for the Prefect-layer tests (TRACKING_PROCESSES points here)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from tracking import BusinessError, ExecutionResult, KeyFields, Process, RetryPolicy, SystemFailure
+from tracking.decorator import TxContext
+
+# What each behaviour returns or raises; the platform executes what the payload asks for.
+BEHAVIOURS = {
+    "ok": lambda: 0,
+    "ok_result": lambda: ExecutionResult(0, "done"),
+    "business": lambda: 5,
+    "raise_business": lambda: (_ for _ in ()).throw(BusinessError(12, "customer unknown")),
+    "system": lambda: -3,
+    "raise_system": lambda: (_ for _ in ()).throw(SystemFailure(-7, "session expired")),
+    "raise": lambda: 1 / 0,
+    "bool": lambda: True,
+    "float": lambda: 1.0,
+    "str": lambda: "0",
+    "none": lambda: None,
+}
+
+outcomes = Process("OUTCOMES", dedup=KeyFields("id"))
+
+
+@outcomes.platform("P", order=1, retry=RetryPolicy(max_attempts=5), retries=2)
+def do_what_the_payload_says(tx: TxContext):
+    return BEHAVIOURS[tx.payload["behaviour"]]()
+
+
+@outcomes.platform("Q", order=2, stages=("first", "second"))
+def pass_through(tx: TxContext) -> int:
+    return 0
+
+
+# Counts executions per (uuid, stage) to prove nothing runs twice.
+executions: Counter[tuple[str, str]] = Counter()
+_lock = threading.Lock()
+
+busy = Process("BUSY", dedup=KeyFields("id"))
+
+
+def _count(tx: TxContext) -> int:
+    with _lock:
+        executions[(tx.uuid, f"{tx.platform}.{tx.stage}")] += 1
+    time.sleep(0.002)
+    return 0
+
+
+busy.platform("A", order=1)(_count)
+busy.platform("B", order=2)(_count)
+
+processes = [outcomes, busy]

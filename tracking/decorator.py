@@ -1,0 +1,237 @@
+"""The tracking decorator: a platform function becomes a tracked Prefect task.
+
+Define platforms with ``Process.platform``; the decorated object is a real Prefect ``Task``::
+
+    cancellation = Process("CANCELLATION", dedup=KeyFields("request_id"))
+
+    @cancellation.platform("SAP", order=1, retry=RetryPolicy(max_attempts=3, delay=300),
+                           retries=1, retry_delay_seconds=10)
+    def cancel_in_sap(tx: TxContext) -> int:
+        tx.logger.info("cancelling order %s", tx.payload["order_id"])
+        return 0                      # or ExecutionResult(...), or raise BusinessError(...)
+
+Inside a resume run each call records the attempt (an event and the stage transition, fenced
+by the run's claim) and ends the task run in a state that says what happened:
+
+==============  ===============  =====================================================
+outcome         task run state   what follows
+==============  ===============  =====================================================
+success         ``Completed``    the next stage becomes runnable
+business error  ``Rejected``     (Completed-type) the transaction is rejected
+system error    ``SystemError``  (Failed-type) Prefect's in-run retries (``retries=``),
+                                 then later runs per the RetryPolicy
+attempts used   ``Exhausted``    (Failed-type) no more retries
+==============  ===============  =====================================================
+
+Every in-run retry is an attempt and counts against the policy's ``max_attempts``; business
+errors are never retried. Outside a run, ``cancel_in_sap.fn(TxContext(...))`` calls the plain
+function, for unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.states import Completed, Failed, State
+
+from tracking.models import StageState, TxStage
+from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
+from tracking.store import InvalidTransition, LeaseLost
+
+if TYPE_CHECKING:
+    from tracking.catalog import Platform, Process
+    from tracking.store import Tracker
+
+REJECTED = "Rejected"
+SYSTEM_ERROR = "SystemError"
+EXHAUSTED = "Exhausted"
+SKIPPED = "Skipped"
+LEASE_LOST = "LeaseLost"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Where an attempt is recorded: the tracker and the run that claimed the stage."""
+
+    tracker: Tracker
+    owner: str
+    lease_seconds: float
+
+
+class TxContext:
+    """What a platform function receives: the item and where it stands.
+
+    Attributes:
+        uuid: the transaction's id.
+        process, platform, stage: where it is.
+        attempt: this attempt's number (1 for the first).
+        business_key: the item's key (from the dedup strategy), e.g. the request id.
+        payload: the item's data (a dict).
+        logger: the Prefect run logger inside a run, a standard logger otherwise.
+
+    For a unit test of a platform function: ``TxContext(payload={...})``.
+    """
+
+    def __init__(
+        self,
+        payload: dict[str, Any] | None = None,
+        *,
+        uuid: str = "",
+        process: str = "",
+        platform: str = "",
+        stage: str = "",
+        attempt: int = 1,
+        business_key: str = "",
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        claim: Claim | None = None,
+    ) -> None:
+        self.payload = payload or {}
+        self.uuid = uuid
+        self.process = process
+        self.platform = platform
+        self.stage = stage
+        self.attempt = attempt
+        self.business_key = business_key
+        self.logger = logger or logging.getLogger(f"tracking.platform.{platform or 'test'}")
+        self.claim = claim
+
+    @classmethod
+    def of(cls, stage: TxStage, claim: Claim) -> TxContext:
+        """The context of a stage claimed by ``claim.owner``."""
+        tx = stage.transaction
+        return cls(
+            dict(tx.payload) if tx else {},
+            uuid=stage.uuid,
+            process=stage.process_code,
+            platform=stage.platform,
+            stage=stage.stage,
+            attempt=stage.attempt,
+            business_key=tx.business_key if tx else "",
+            claim=claim,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TxContext({self.platform}.{self.stage} {self.business_key or self.uuid}, "
+            f"attempt={self.attempt})"
+        )
+
+
+def retry_system_errors(task: Task[..., Any], task_run: Any, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry system errors only (a plain function on purpose:
+    Prefect 3.8.8 silently ignores callable objects here)."""
+    return state.name == SYSTEM_ERROR
+
+
+def _run_ids() -> tuple[str | None, str | None, int]:
+    ctx = TaskRunContext.get()
+    if ctx is None:
+        return None, None, 1
+    run = ctx.task_run
+    return (str(run.flow_run_id) if run.flow_run_id else None, str(run.id), run.run_count)
+
+
+def _call(fn: Callable[[TxContext], Any], tx: TxContext) -> ExecutionResult:
+    """Run the platform function and turn whatever happens into a result."""
+    try:
+        value = fn(tx)
+    except Exception as exc:  # any failure of the platform is an outcome, not a crash
+        return result_from_exception(exc)
+    try:
+        return to_result(value)
+    except TypeError as exc:
+        return ExecutionResult(-1, f"platform {tx.platform!r} returned an invalid result: {exc}")
+
+
+def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
+    """Run one attempt of a claimed stage, record it, and say how it ended as a State."""
+    claim = tx.claim
+    assert claim is not None, "execute() needs a claimed stage"
+    flow_run_id, task_run_id, run_count = _run_ids()
+    tracker = claim.tracker
+    try:
+        tx.logger = get_run_logger()
+    except Exception:  # outside a run context (batch helpers in tests)
+        pass
+    if run_count > 1:
+        # An in-run retry: claim the stage again (it went TERMINATED after the last attempt).
+        stage = tracker.claim_stage(
+            tx.uuid, tx.platform, tx.stage, owner=claim.owner, lease_seconds=claim.lease_seconds
+        )
+        if stage is None:
+            return Completed(name=SKIPPED, message="the stage can no longer run (it changed)")
+        tx.attempt = stage.attempt
+    result = _call(fn, tx)
+    try:
+        stage = tracker.complete_stage(
+            tx.uuid, tx.platform, result, stage=tx.stage, owner=claim.owner,
+            flow_run_id=flow_run_id, task_run_id=task_run_id,
+        )
+    except LeaseLost as exc:
+        tx.logger.warning("attempt not recorded: %s", exc)
+        return Failed(name=LEASE_LOST, message=str(exc))
+    return state_for(result, stage)
+
+
+def state_for(result: ExecutionResult, stage: TxStage) -> State[Any]:
+    """The Prefect state that tells what an attempt amounted to."""
+    text = f"error {result.error_code}: {result.description or 'no description'}"
+    if result.outcome == Outcome.SUCCESS:
+        return Completed(message=result.description, data=result)
+    if result.outcome == Outcome.BUSINESS_ERROR:
+        return Completed(name=REJECTED, message=f"business {text}", data=result)
+    if stage.state == StageState.EXHAUSTED:
+        return Failed(name=EXHAUSTED, message=f"system {text}; attempts exhausted")
+    return Failed(name=SYSTEM_ERROR, message=f"system {text}; retry at {stage.next_attempt_at}")
+
+
+def tracked_task(
+    process: Process, platform: Platform, fn: Callable[[TxContext], Any], **task_options: Any
+) -> Task[..., Any]:
+    """Wrap a platform function in a Prefect task that records every attempt.
+
+    ``task_options`` are Prefect task options; ``retries`` and ``retry_delay_seconds`` give
+    in-run retries of system errors (default none: later runs retry per the RetryPolicy).
+    """
+
+    def run(tx: TxContext) -> Any:
+        if tx.claim is None:
+            return fn(tx)  # a plain call, e.g. a unit test of the platform function
+        return execute(fn, tx)
+
+    run.__name__ = getattr(fn, "__name__", "platform")
+    run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
+    run.__doc__ = fn.__doc__
+    run.__module__ = getattr(fn, "__module__", __name__)
+    options: dict[str, Any] = {
+        "name": f"{process.code}.{platform.code}",
+        "task_run_name": "{tx.platform}.{tx.stage} {tx.business_key}",
+        "tags": [f"process:{process.code}", f"platform:{platform.code}"],
+        "cache_policy": NO_CACHE,
+        "persist_result": False,
+        "retry_condition_fn": retry_system_errors,
+    }
+    options.update(task_options)
+    if options.get("retry_condition_fn") is not retry_system_errors:
+        raise ValueError("retry_condition_fn is set by the tracking decorator; do not pass it")
+    task: Task[..., Any] = Task(fn=run, **options)
+    return task
+
+
+def record_unfinished(tracker: Tracker, tx: TxContext, why: str) -> TxStage | None:
+    """Record a system error for a claimed stage whose task run ended without recording one
+    (timed out, crashed); a no-op if the attempt was recorded after all."""
+    assert tx.claim is not None
+    try:
+        return tracker.complete_stage(
+            tx.uuid, tx.platform, ExecutionResult(-1, why), stage=tx.stage, owner=tx.claim.owner
+        )
+    except InvalidTransition:
+        return None
