@@ -139,6 +139,8 @@ def test_artifacts_are_published(sqlite_env):
     markdown = by_key["resume-summary-outcomes"]
     assert markdown.type == "markdown"
     assert "Top error codes" in markdown.data and "| P | -3 |" in markdown.data
+    report = by_key["tracking-report-outcomes"]
+    assert report.type == "markdown" and "Transactions by state" in report.data
 
 
 def test_batch_granularity_tracks_every_item(sqlite_env):

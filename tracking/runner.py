@@ -23,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,10 +44,12 @@ from tracking.catalog import Platform, Process, load_processes
 from tracking.db import connect
 from tracking.decorator import Claim, TxContext, record_unfinished
 from tracking.models import StageState, TxStage
+from tracking.reports import Reports, summary_markdown
 from tracking.settings import get_settings
 from tracking.store import Tracker, UnknownProcessError
 
 INTAKE_CHUNK = 1000
+REPORT_WINDOW = timedelta(days=7)
 Granularity = Literal["stage", "batch"]
 
 
@@ -339,6 +342,7 @@ def resume_flow(
         "stopped": stopped,
     }
     _publish_summary(process, summary, tally)
+    _publish_report(process, database_url)
     logger.info("resume %s: %d stages run (%s)", process, tally.stages_run, stopped)
     return summary
 
@@ -355,6 +359,20 @@ def _settle(tracker: Tracker, contexts: list[TxContext]) -> list[TxStage]:
             ) or stage
         settled.append(stage)
     return settled
+
+
+def _publish_report(process: str, database_url: str | None) -> None:
+    """The business picture after the run (the last 7 days), as in ``tracking report``."""
+    end = datetime.now(UTC)
+    engine = connect(database_url)
+    try:
+        markdown = summary_markdown(Reports(engine), end - REPORT_WINDOW, end, process)
+    finally:
+        engine.dispose()
+    create_markdown_artifact(
+        markdown, key=_artifact_key("tracking-report", process),
+        description=f"{process}: transactions of the last 7 days by state, stages, top errors",
+    )
 
 
 def _publish_summary(process: str, summary: dict[str, Any], tally: _Tally) -> None:
