@@ -55,3 +55,14 @@ busy.platform("A", order=1)(_count)
 busy.platform("B", order=2)(_count)
 
 processes = [outcomes, busy]
+
+slow = Process("SLOW", dedup=KeyFields("id"))
+
+
+@slow.platform("S", order=1, retry=RetryPolicy(max_attempts=3), timeout_seconds=0.5)
+def too_slow(tx: TxContext) -> int:
+    time.sleep(3)
+    return 0
+
+
+processes.append(slow)

@@ -283,3 +283,16 @@ def test_serve_builds_an_hourly_deployment_per_process(monkeypatch):
     for d in deployments:
         assert d.schedules[0].schedule.cron == "0 * * * *"
         assert d.parameters["process"] in ("OUTCOMES", "BUSY")
+
+
+def test_a_timed_out_task_run_is_recorded_as_a_system_error(sqlite_env):
+    intake_flow(process="SLOW", items=[{"id": 1}])
+    summary = resume_flow(process="SLOW")
+    tracker = Tracker(connect(sqlite_env), processes=[flow_processes.slow])
+    now = datetime.now(UTC)
+    (tx,) = Reports(tracker.engine).transactions_between(now - timedelta(hours=1), now)
+    stage = tracker.get_transaction(tx.uuid).stages[0]
+    assert (stage.state, stage.error_code, stage.attempt) == (StageState.TERMINATED, -1, 1)
+    assert "without recording" in stage.error_description
+    assert summary["by_platform"] == {"S": {"TERMINATED": 1}}
+    assert _task_runs(summary["flow_run_id"])["S.main 1"].state.name == "TimedOut"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -228,6 +229,22 @@ class _Tally:
         ]
 
 
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a failed task run with ``exc_info=True`` even when it failed by returning
+    a state (our ``SystemError``), which prints a stray ``NoneType: None``; drop that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+def _quiet_empty_tracebacks() -> None:
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoEmptyTraceback) for f in logger.filters):
+        logger.addFilter(_NoEmptyTraceback())
+
+
 def _steps(process: Process) -> list[tuple[Platform, str]]:
     steps = []
     for platform in process.platforms:
@@ -289,6 +306,7 @@ def resume_flow(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     logger = get_run_logger()
+    _quiet_empty_tracebacks()
     flow_run = FlowRunContext.get().flow_run  # type: ignore[union-attr]
     owner = str(flow_run.id)
     lease = lease_seconds or get_settings().lease_seconds
