@@ -296,3 +296,28 @@ def test_a_timed_out_task_run_is_recorded_as_a_system_error(sqlite_env):
     assert "without recording" in stage.error_description
     assert summary["by_platform"] == {"S": {"TERMINATED": 1}}
     assert _task_runs(summary["flow_run_id"])["S.main 1"].state.name == "TimedOut"
+
+
+def test_prefect_deploy_accepts_prefect_yaml(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefect, *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)
+
+    run("work-pool", "create", "tracking", "--type", "process")
+    result = run("--no-prompt", "deploy", "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resume/order-cancellation" in result.stdout
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("resume/order-cancellation")
+    assert deployment.parameters["process"] == "ORDER_CANCELLATION"
+    assert deployment.schedules[0].schedule.cron == "0 * * * *"
+    assert deployment.work_pool_name == "tracking"
