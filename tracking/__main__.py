@@ -1,0 +1,7 @@
+"""``python -m tracking``: the ``tracking`` console script (see ``tracking.cli``)."""
+
+import sys
+
+from tracking.cli import main
+
+sys.exit(main())
