@@ -15,8 +15,11 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+import sqlalchemy as sa
+
 from tests.conftest import FakeClock, cancellation_process
-from tracking import ExecutionResult, Reports, Tracker
+from tracking import ExecutionResult, Reports, Tracker, TxProcess
+from tracking.db import read_only
 
 process = cancellation_process()
 P = process.code
@@ -41,17 +44,31 @@ def _result(rng: random.Random, step: tuple[str, str]) -> ExecutionResult:
 
 def run_once(tracker: Tracker, clock: FakeClock, rng: random.Random, owner: str,
              steps: list[tuple[str, str]] = STEPS) -> int:
-    """One resume run: every runnable stage, platform by platform; returns stages run."""
+    """One resume run: every runnable stage, platform by platform; returns stages run.
+
+    Stages run one by one in business-key order, so the same seed gives the same history on
+    every database (uuids aside).
+    """
     done = 0
     for platform, stage in steps:
-        # Four at a time, like a run with four workers; a run never re-claims its own attempt.
-        while claimed := tracker.claim(P, platform, stage, owner=owner, limit=4):
-            for s in claimed:
-                clock.advance(round(rng.uniform(0.2, 2.0), 3))
-                tracker.complete_stage(s.uuid, platform, _result(rng, (platform, stage)),
-                                       stage=stage, owner=owner)
-                done += 1
+        due = tracker.get_pending_stages(P, platform, stage)
+        keys = _business_keys(tracker, [s.uuid for s in due])
+        for uuid in sorted(keys, key=keys.__getitem__):
+            if not tracker.claim(P, platform, stage, owner=owner, limit=1, uuid=uuid):
+                continue  # this run made its last attempt: a later run retries it
+            clock.advance(round(rng.uniform(0.2, 3.0), 3))
+            tracker.complete_stage(uuid, platform, _result(rng, (platform, stage)),
+                                   stage=stage, owner=owner)
+            done += 1
     return done
+
+
+def _business_keys(tracker: Tracker, uuids: list[str]) -> dict[str, str]:
+    table = TxProcess.__table__
+    with read_only(tracker.engine) as conn:
+        rows = conn.execute(sa.select(table.c.uuid, table.c.business_key)
+                            .where(table.c.uuid.in_(uuids)))
+        return {r.uuid: r.business_key for r in rows}
 
 
 def build_scenario(tracker: Tracker, clock: FakeClock, hours: int = 24, seed: int = 7) -> None:
@@ -63,11 +80,13 @@ def build_scenario(tracker: Tracker, clock: FakeClock, hours: int = 24, seed: in
         count = 6 + (hour * 7) % 13
         items = [{"request_id": f"FE-{hour:03d}-{i:02d}", "amount": rng.randint(10, 5000)}
                  for i in range(count)]
-        uuids = [r.uuid for r in tracker.start_many(P, items, source="sample")]
+        tracker.start_many(P, items, source="sample")
         last = hour == hours - 1
         run_once(tracker, clock, rng, f"run-{hour}", STEPS[:1] if last else STEPS)
-        if hour % 5 == 2:  # an operator cancels one retrying or waiting item of this hour
-            new = set(uuids)
-            waiting = [a.uuid for a in Reports(tracker.engine).aging(P) if a.uuid in new]
-            for uuid in waiting[:1]:
-                tracker.cancel(uuid, reason="customer withdrew the request", actor="ops")
+        if hour % 5 == 2:  # an operator cancels the first waiting item of this hour
+            prefix = f"FE-{hour:03d}-"
+            waiting = [a for a in Reports(tracker.engine).aging(P)
+                       if a.business_key.startswith(prefix)]
+            if waiting:
+                first = min(waiting, key=lambda a: a.business_key)
+                tracker.cancel(first.uuid, reason="customer withdrew the request", actor="ops")
