@@ -1,0 +1,425 @@
+"""Benchmark of the HTTP API: ``POST /transactions`` and ``GET /reports/summary`` at 100k rows.
+
+The script
+
+1. creates a fresh database (a SQLite file in a temporary directory, or with
+   ``--database-url postgresql://...`` a database of its own on that server, dropped at the
+   end) and seeds ``--seed`` transactions (default 100,000) with ``Tracker.start_many``;
+2. starts ``uvicorn tracking.api:app`` (one worker, 127.0.0.1, a free port) in a subprocess,
+   with the API's own logging on at INFO (written to a file, as in production);
+3. drives it with httpx (asyncio, ``--concurrency`` requests in flight, default 16):
+   ``--creates`` (default 2,000) ``POST /transactions`` with distinct payloads, then
+   ``--summaries`` (default 1,000) ``GET /reports/summary`` (default window: the last 30 days,
+   so every seeded row is counted) at the same concurrency, and again one at a time;
+4. prints requests/s, p50 and p99 latency per scenario and writes them as JSON to
+   ``bench/results/api-<sqlite|postgresql>.json``.
+
+Targets (issue #4): >= 1,000 creates/s and a summary p99 < 50 ms at 100k transactions.
+
+Usage:
+    .venv/bin/python bench/bench_api.py
+    .venv/bin/python bench/bench_api.py --quick                  # smoke run: 5k rows
+    .venv/bin/python bench/bench_api.py --database-url postgresql://postgres@127.0.0.1:5432/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as platform_mod
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuid_lib
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from tracking import KeyFields, Platform, Process, RetryPolicy  # noqa: E402
+
+PROCESS_CODE = "BENCH"
+PROCESSES = [
+    Process(
+        PROCESS_CODE,
+        platforms=[
+            Platform("A", order=1, retry=RetryPolicy(max_attempts=3)),
+            Platform("B", order=2, stages=("one", "two")),
+            Platform("C", order=3),
+        ],
+        dedup=KeyFields("id"),
+        description="Benchmark process (catalog only).",
+    )
+]
+"""What the server registers (``TRACKING_PROCESSES=bench_api:PROCESSES``)."""
+
+
+# -- database -------------------------------------------------------------------------------
+
+
+@contextmanager
+def fresh_database(url: str | None, workdir: Path) -> Iterator[str]:
+    """A new, empty database URL: a SQLite file, or a new database on a PostgreSQL server."""
+    if not url:
+        yield f"sqlite:///{workdir / 'bench.db'}"
+        return
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from tracking.db import normalise_url
+
+    server = make_url(normalise_url(url))
+    name = f"bench_api_{uuid_lib.uuid4().hex[:8]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def seed(url: str, count: int, chunk: int = 5000) -> float:
+    """Insert ``count`` transactions with ``start_many``; returns the seconds it took."""
+    from tracking import Tracker, connect
+
+    engine = connect(url)
+    tracker = Tracker(engine, processes=PROCESSES)
+    started = time.perf_counter()
+    for first in range(0, count, chunk):
+        payloads = [
+            {"id": f"seed-{i}", "customer": f"C{i % 977}", "amount": i % 5000}
+            for i in range(first, min(count, first + chunk))
+        ]
+        tracker.start_many(PROCESS_CODE, payloads, source="seed")
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return elapsed
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(url: str, log_path: Path) -> Iterator[str]:
+    """``uvicorn tracking.api:app`` with one worker on a free loopback port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "TRACKING_DATABASE_URL": url,
+        "TRACKING_PROCESSES": "bench_api:PROCESSES",
+        "TRACKING_LOG_LEVEL": "INFO",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)]),
+    }
+    env.pop("TRACKING_API_KEY", None)
+    command = [
+        sys.executable, "-m", "uvicorn", "tracking.api:app", "--host", "127.0.0.1",
+        "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"uvicorn exited with {proc.returncode}; see {log_path}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn did not become healthy; see {log_path}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+async def drive(
+    base: str,
+    total: int,
+    concurrency: int,
+    request: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
+    expect: tuple[int, ...],
+) -> dict[str, Any]:
+    """Send ``total`` requests, ``concurrency`` at a time; latency of each, overall rate."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    next_index = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < total:
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
+                response = await request(client, index)
+                latencies.append((time.perf_counter() - started) * 1000)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    unexpected = {s: n for s, n in statuses.items() if s not in expect}
+    if unexpected:
+        raise RuntimeError(f"unexpected statuses: {unexpected}")
+    return {
+        "requests": total,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(total / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "max_ms": round(max(latencies), 2),
+        "statuses": statuses,
+    }
+
+
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams (the load generator).
+
+    httpx's async client tops out at a few hundred requests/s on a small machine (it measured
+    ~400 req/s against a do-nothing ASGI app here, where this client does ~4,000), so it would
+    measure itself rather than the server. Responses must carry Content-Length (FastAPI's do).
+    """
+
+    def __init__(self, base: str) -> None:
+        url = httpx.URL(base)
+        self.host, self.port = url.host, url.port or 80
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError("response without Content-Length")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+Request = Callable[[RawHttp, int], Awaitable[tuple[int, bytes]]]
+
+
+async def drive_raw(
+    base: str, total: int, concurrency: int, request: Request, expect: tuple[int, ...]
+) -> dict[str, Any]:
+    """Like ``drive``, with one ``RawHttp`` connection per concurrent worker."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        client = RawHttp(base)
+        try:
+            while next_index < total:
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
+                status, _ = await request(client, index)
+                latencies.append((time.perf_counter() - started) * 1000)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            await client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return _stats(total, concurrency, elapsed, latencies, statuses, expect)
+
+
+def _stats(
+    total: int,
+    concurrency: int,
+    elapsed: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+    expect: tuple[int, ...],
+) -> dict[str, Any]:
+    unexpected = {s: n for s, n in statuses.items() if s not in expect}
+    if unexpected:
+        raise RuntimeError(f"unexpected statuses: {unexpected}")
+    return {
+        "requests": total,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(total / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "max_ms": round(max(latencies), 2),
+        "statuses": statuses,
+    }
+
+
+def create_body(prefix: str, i: int) -> dict[str, Any]:
+    return {
+        "process": PROCESS_CODE,
+        "payload": {"id": f"{prefix}-{i}", "customer": f"C{i % 977}", "amount": i},
+        "source": "bench",
+    }
+
+
+def create_raw(prefix: str) -> Request:
+    async def send(client: RawHttp, i: int) -> tuple[int, bytes]:
+        body = json.dumps(create_body(prefix, i)).encode()
+        return await client.request("POST", "/transactions", body)
+
+    return send
+
+
+async def summary_raw(client: RawHttp, _i: int) -> tuple[int, bytes]:
+    return await client.request("GET", "/reports/summary")
+
+
+def create(prefix: str) -> Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]:
+    async def send(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        body = {
+            "process": PROCESS_CODE,
+            "payload": {"id": f"{prefix}-{i}", "customer": f"C{i % 977}", "amount": i},
+            "source": "bench",
+        }
+        return await client.post("/transactions", json=body)
+
+    return send
+
+
+async def summary(client: httpx.AsyncClient, _i: int) -> httpx.Response:
+    return await client.get("/reports/summary")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp, fresh_database(
+        args.database_url, Path(tmp)
+    ) as url:
+        dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        print(f"seeding {args.seed:,} transactions ({dialect})...", flush=True)
+        results["seed_seconds"] = round(seed(url, args.seed), 1)
+        log_path = Path(tmp) / "uvicorn.log"
+        with server(url, log_path) as base:
+            # Warm up connections, imports and caches; not measured.
+            asyncio.run(drive(base, 200, args.concurrency, create("warm"), (201,)))
+            asyncio.run(drive(base, 20, 4, summary, (200,)))
+            print("POST /transactions...", flush=True)
+            results["create"] = asyncio.run(
+                drive(base, args.creates, args.concurrency, create("new"), (201,))
+            )
+            print("POST /transactions (duplicates)...", flush=True)
+            results["create_duplicate"] = asyncio.run(
+                drive(base, args.creates, args.concurrency, create("new"), (200,))
+            )
+            print("GET /reports/summary...", flush=True)
+            results["summary"] = asyncio.run(
+                drive(base, args.summaries, args.concurrency, summary, (200,))
+            )
+            results["summary_sequential"] = asyncio.run(
+                drive(base, max(100, args.summaries // 5), 1, summary, (200,))
+            )
+            total = httpx.get(f"{base}/reports/summary").json()["total"]
+            log_lines = sum(1 for _ in open(log_path, "rb"))
+        expected = args.seed + 200 + args.creates
+        if total != expected:
+            raise RuntimeError(f"summary counted {total} transactions, expected {expected}")
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "database": dialect,
+        "transactions": expected,
+        "machine": {
+            "python": platform_mod.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform_mod.platform(),
+        },
+        "server": "uvicorn, 1 worker, 127.0.0.1, API logging at INFO",
+        "server_log_lines": log_lines,
+        "targets": {"create_requests_per_s": 1000, "summary_p99_ms": 50},
+        **results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", help="a PostgreSQL server URL (default: SQLite)")
+    parser.add_argument("--seed", type=int, default=100_000)
+    parser.add_argument("--creates", type=int, default=2000)
+    parser.add_argument("--summaries", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="5k rows, 500 creates")
+    args = parser.parse_args()
+    if args.quick:
+        args.seed, args.creates, args.summaries = 5000, 500, 200
+    report = run(args)
+    print()
+    print(f"{report['transactions']:,} transactions on {report['database']}")
+    for name in ("create", "create_duplicate", "summary", "summary_sequential"):
+        r = report[name]
+        print(
+            f"  {name:<20} {r['requests']:>6} req, c={r['concurrency']:<3} "
+            f"{r['requests_per_s']:>8.1f} req/s   p50 {r['p50_ms']:>7.2f} ms   "
+            f"p99 {r['p99_ms']:>7.2f} ms"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"api-{report['database']}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

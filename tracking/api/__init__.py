@@ -1,0 +1,133 @@
+"""The HTTP intake and reporting API over the tracking store (FastAPI).
+
+Run it with ``uvicorn tracking.api:app`` (settings from ``TRACKING_*`` variables, read at
+startup), or build an app of your own::
+
+    from tracking.api import create_app
+    app = create_app(settings, tracker=tracker)      # tests inject settings and a tracker
+
+Creating the app does no I/O: the database connection, the migrations and the registration
+of the processes listed in ``TRACKING_PROCESSES`` happen in the app's lifespan (startup).
+See README.md, section "HTTP API", for the endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+
+from tracking import __version__
+from tracking.api.errors import ApiError, install_handlers
+from tracking.api.logs import configure_logging
+from tracking.api.middleware import RequestMiddleware
+from tracking.api.routes import router
+from tracking.api.service import ApiService, DeploymentRunner, ProcessRunner
+from tracking.catalog import load_processes
+from tracking.db import connect
+from tracking.settings import Settings, get_settings
+from tracking.store import Tracker
+
+DESCRIPTION = """Intake and reporting for tracked transactions: submit items (deduplicated),
+follow their stages and audit events, run them now, cancel or requeue them, and report.
+Every error has the body `{"error": {"code", "message", "details"}, "request_id"}`."""
+
+
+def _warm_up() -> None:
+    """Import Prefect's settings now (seconds), not in the first health check."""
+    import prefect.settings  # noqa: F401
+
+
+def _open_tracker(settings: Settings) -> Tracker:
+    """Connect (running migrations) and register the configured processes."""
+    processes = load_processes(settings.processes)
+    return Tracker(connect(settings.database_url), processes=processes)
+
+
+def create_app(
+    settings: Settings | None = None,
+    tracker: Tracker | None = None,
+    *,
+    process_runner: ProcessRunner | None = None,
+    deployment_runner: DeploymentRunner | None = None,
+) -> FastAPI:
+    """Build the API.
+
+    Args:
+        settings: default ``get_settings()`` at startup.
+        tracker: default: one on ``settings.database_url`` with the processes of
+            ``settings.processes`` registered, created at startup and disposed at shutdown.
+        process_runner: ``(process_code, uuid) -> summary``, runs a transaction inline;
+            default ``tracking.runner.resume_flow`` on the tracker's database.
+        deployment_runner: ``(process_code, uuid) -> (deployment, flow_run_id)``; default
+            ``prefect.deployments.run_deployment`` on ``tracking.runner.deployment_name``.
+    """
+
+    def start(app: FastAPI, s: Settings, t: Tracker) -> None:
+        app.state.settings = s
+        app.state.service = ApiService(s, t, process_runner, deployment_runner)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or get_settings()
+        configure_logging(s.log_level, s.log_json)
+        await run_in_threadpool(_warm_up)
+        own = tracker is None
+        t = tracker or await run_in_threadpool(_open_tracker, s)
+        start(app, s, t)
+        try:
+            yield
+        finally:
+            if own:
+                t.engine.dispose()
+
+    app = FastAPI(
+        title="prefect-tracking API",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    if settings is not None and tracker is not None:
+        start(app, settings, tracker)  # usable without running the lifespan
+
+    def current_settings() -> Settings:
+        if app.state.settings is None:
+            raise ApiError(503, "SERVICE_STARTING", "the service is not started yet")
+        return app.state.settings
+
+    install_handlers(app)
+    app.add_middleware(RequestMiddleware, get_settings=current_settings)
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with the registered process codes as examples."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    service: ApiService | None = app.state.service
+    codes = [p.code for p in service.tracker.processes] if service else []
+    if codes:
+        prop = schema["components"]["schemas"]["TransactionIn"]["properties"]["process"]
+        prop["examples"] = codes
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    if service is not None:
+        app.openapi_schema = schema
+    return schema
+
+
+app = create_app()
+"""The app ``uvicorn tracking.api:app`` serves (settings read at startup)."""
+
+__all__ = ["ApiError", "app", "create_app"]

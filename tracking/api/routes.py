@@ -1,0 +1,350 @@
+"""The endpoints. Each one validates its input, calls ``ApiService`` and shapes the answer.
+
+Blocking database work runs in worker threads (plain ``def`` endpoints, or
+``run_in_threadpool``); ``POST /transactions`` goes through the intake batcher.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
+
+from tracking.api.errors import ApiError, error_response, validation_error
+from tracking.api.schemas import (
+    ErrorEnvelope,
+    ErrorReport,
+    Health,
+    OperatorAction,
+    PlatformStateCountOut,
+    ProcessList,
+    ProcessOut,
+    ProcessQueued,
+    ProcessResult,
+    ProcessSummary,
+    StageReport,
+    StageStateCountOut,
+    SummaryReport,
+    TransactionDetail,
+    TransactionIn,
+    TransactionOut,
+    TransactionPage,
+    Window,
+    check_text,
+    to_utc,
+)
+from tracking.api.service import ApiService, log_transition
+from tracking.models import TxState
+from tracking.reports import as_dicts, to_csv
+
+router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorEnvelope} for status in statuses}
+
+
+async def get_service(request: Request) -> ApiService:
+    """The app's service (built at startup). Async: no worker thread for a dict lookup."""
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise ApiError(503, "SERVICE_STARTING", "the service is not started yet")
+    return service
+
+
+Service = Annotated[ApiService, Depends(get_service)]
+Uuid = Annotated[str, "transaction uuid"]
+ProcessFilter = Annotated[
+    str | None, Query(max_length=64, description="A process code (see GET /processes).")
+]
+From = Annotated[
+    AwareDatetime | None,
+    Query(alias="from", description="ISO 8601 with offset; default: 30 days before `to`."),
+]
+To = Annotated[
+    AwareDatetime | None,
+    Query(alias="to", description="ISO 8601 with offset, exclusive; default: now (inclusive)."),
+]
+Format = Annotated[
+    Literal["json", "csv"] | None,
+    Query(description="csv for CSV (or send Accept: text/csv)."),
+]
+CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/csv": {"schema": {"type": "string"}}}}
+}
+
+
+def _wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    return "text/csv" in request.headers.get("accept", "")
+
+
+def _csv(text: str, name: str) -> Response:
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
+# -- health and catalog ---------------------------------------------------------------------
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    responses=_errors(503),
+    summary="Service, database and Prefect status",
+)
+async def health(service: Service) -> Any:
+    """`200` when the database answers (Prefect's status is reported, never fatal);
+    `503 DATABASE_UNAVAILABLE` (envelope, with the health body in `details`) when it does not."""
+    database = await run_in_threadpool(service.database_health)
+    prefect = await service.prefect_health()
+    body = service.health(database, prefect)
+    if database.status != "ok":
+        return error_response(
+            503, "DATABASE_UNAVAILABLE", "the tracking database does not answer",
+            body.model_dump(), headers={"Retry-After": "5"},
+        )
+    return body
+
+
+@router.get("/processes", response_model=ProcessList, responses=_errors(401))
+def processes(service: Service) -> Any:
+    """The registered processes: platforms in order with stages and retry policy, and dedup."""
+    return ProcessList(
+        processes=[ProcessOut.model_validate(p.describe()) for p in service.tracker.processes]
+    )
+
+
+# -- transactions ---------------------------------------------------------------------------
+
+
+@router.post(
+    "/transactions",
+    response_model=TransactionOut,
+    status_code=201,
+    responses={200: {"model": TransactionOut, "description": "Duplicate: the existing one"},
+               **_errors(401, 413, 422)},
+    summary="Submit a transaction (deduplicated)",
+)
+async def create_transaction(body: TransactionIn, service: Service) -> Any:
+    """Validated against the catalog and deduplicated: `201` with the new transaction, `200`
+    with the existing one when the payload is a duplicate (same dedup fingerprint)."""
+    row, is_new = await service.intake.submit(body.process, body.payload, body.source)
+    if is_new:
+        log_transition(row.uuid, None, TxState(row.state), "create")
+    # Serialised here, once: the hot path skips FastAPI's re-validation of the model.
+    return Response(
+        TransactionOut.of(row).model_dump_json(),
+        status_code=201 if is_new else 200,
+        media_type="application/json",
+    )
+
+
+@router.get(
+    "/transactions",
+    response_model=TransactionPage,
+    responses=_errors(401, 422),
+    summary="List transactions, newest first",
+)
+def list_transactions(
+    service: Service,
+    process: ProcessFilter = None,
+    state: Annotated[TxState | None, Query()] = None,
+    source: Annotated[str | None, Query(max_length=100)] = None,
+    created_from: Annotated[
+        AwareDatetime | None, Query(description="Inclusive, ISO 8601 with offset.")
+    ] = None,
+    created_to: Annotated[
+        AwareDatetime | None, Query(description="Exclusive, ISO 8601 with offset.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page.")
+    ] = None,
+) -> Any:
+    """Filtered, newest first, a page at a time: follow `next_cursor` until it is null."""
+    if source is not None:
+        try:
+            check_text(source, "source")
+        except ValueError as exc:
+            raise validation_error(str(exc), field="source") from None
+    return service.list(
+        process=process, state=state, source=source,
+        created_from=to_utc(created_from, "created_from"),
+        created_to=to_utc(created_to, "created_to"),
+        limit=limit, cursor=cursor,
+    )
+
+
+@router.get(
+    "/transactions/{uuid}",
+    response_model=TransactionDetail,
+    responses=_errors(401, 404),
+    summary="One transaction with its stages and audit events",
+)
+def get_transaction(uuid: Uuid, service: Service) -> Any:
+    return service.get(uuid)
+
+
+@router.post(
+    "/transactions/{uuid}/process",
+    response_model=ProcessResult,
+    responses={202: {"model": ProcessQueued, "description": "Handed to the deployment"},
+               **_errors(401, 404, 409, 503)},
+    summary="Run the transaction's runnable stages now",
+)
+async def process_transaction(uuid: Uuid, service: Service) -> Any:
+    """Inline mode: runs the resume flow scoped to this transaction and returns its new state
+    (`200`). Deployment mode (`TRACKING_API_PROCESS_MODE=deployment`): creates a flow run of
+    the process's deployment and returns `202` with its id. `409 ALREADY_PROCESSED` when
+    nothing can run (final state, a stage running, or the next attempt not due yet)."""
+    before = await run_in_threadpool(service.check_runnable, uuid)
+    if service.settings.api_process_mode == "deployment":
+        queued = await run_in_threadpool(service.run_on_deployment, uuid, before)
+        return JSONResponse(queued.model_dump(mode="json"), status_code=202)
+    return await run_in_threadpool(service.run_inline, uuid, before)
+
+
+@router.post(
+    "/transactions/{uuid}/cancel",
+    response_model=TransactionDetail,
+    responses=_errors(401, 404, 409, 422),
+    summary="Cancel a transaction that is not final",
+)
+def cancel_transaction(
+    uuid: Uuid, service: Service, body: Annotated[OperatorAction | None, Body()] = None
+) -> Any:
+    """Open stages become CANCELLED; `409 INVALID_TRANSITION` if it is already final."""
+    body = body or OperatorAction()
+    return service.cancel(uuid, body.reason, body.actor)
+
+
+@router.post(
+    "/transactions/{uuid}/requeue",
+    response_model=TransactionDetail,
+    responses=_errors(401, 404, 409, 422),
+    summary="Give a stopped transaction another go",
+)
+def requeue_transaction(
+    uuid: Uuid, service: Service, body: Annotated[OperatorAction | None, Body()] = None
+) -> Any:
+    """For EXHAUSTED, TERMINATED, REJECTED and CANCELLED transactions: the stopped stage and
+    the later ones are PENDING again with fresh attempts. `409 INVALID_TRANSITION` otherwise."""
+    body = body or OperatorAction()
+    return service.requeue(uuid, body.reason, body.actor)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def _window(service: ApiService, start: datetime | None, end: datetime | None) -> Window:
+    start, end = service.window(to_utc(start, "from"), to_utc(end, "to"))
+    return Window(start=start, end=end)
+
+
+@router.get(
+    "/reports/summary",
+    response_model=SummaryReport,
+    responses={**CSV_RESPONSE, **_errors(401, 422)},
+    summary="Transactions counted by state and by process",
+)
+def summary_report(
+    request: Request,
+    service: Service,
+    process: ProcessFilter = None,
+    state: Annotated[TxState | None, Query()] = None,
+    start: From = None,
+    end: To = None,
+    format: Format = None,
+) -> Any:
+    """Transactions created in `[from, to)`, counted by state and by process (one query)."""
+    service.check_process(process)
+    window = _window(service, start, end)
+    rows = service.reports.summary_by_process_and_state(window.start, window.end, process)
+    if state is not None:
+        rows = [r for r in rows if r.state == state]
+    if _wants_csv(request, format):
+        return _csv(to_csv(rows, ["process", "state", "count"]), "summary")
+    by_state = {s.value: 0 for s in TxState}
+    by_process: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_state[r.state.value] += r.count
+        by_process.setdefault(r.process, {s.value: 0 for s in TxState})[r.state.value] = r.count
+    return SummaryReport(
+        window=window, process=process, state=state, total=sum(by_state.values()),
+        by_state=by_state,
+        by_process=[
+            ProcessSummary(process=p, total=sum(counts.values()), by_state=counts)
+            for p, counts in by_process.items()
+        ],
+    )
+
+
+@router.get(
+    "/reports/stages",
+    response_model=StageReport,
+    responses={**CSV_RESPONSE, **_errors(401, 422)},
+    summary="Stages counted by platform, stage and state",
+)
+def stage_report(
+    request: Request,
+    service: Service,
+    process: ProcessFilter = None,
+    start: From = None,
+    end: To = None,
+    format: Format = None,
+) -> Any:
+    """Stages of the transactions created in `[from, to)`, by platform (and stage) and state."""
+    service.check_process(process)
+    window = _window(service, start, end)
+    rows = service.reports.stage_summary_by_platform_and_stage(window.start, window.end, process)
+    if _wants_csv(request, format):
+        return _csv(to_csv(rows, ["platform", "stage", "state", "count"]), "stages")
+    by_platform: dict[tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        by_platform[(r.platform, r.state.value)] += r.count
+    return StageReport(
+        window=window, process=process,
+        by_platform=[
+            PlatformStateCountOut(platform=p, state=s, count=n)
+            for (p, s), n in by_platform.items()
+        ],
+        by_stage=[StageStateCountOut.model_validate(d) for d in as_dicts(rows)],
+    )
+
+
+@router.get(
+    "/reports/errors",
+    response_model=ErrorReport,
+    responses={**CSV_RESPONSE, **_errors(401, 422)},
+    summary="The most frequent error codes",
+)
+def error_report(
+    request: Request,
+    service: Service,
+    process: ProcessFilter = None,
+    start: From = None,
+    end: To = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    format: Format = None,
+) -> Any:
+    """Error codes of the attempts made in `[from, to)`, most frequent first, with the latest
+    description and when each was last seen."""
+    service.check_process(process)
+    window = _window(service, start, end)
+    rows = service.reports.top_errors(window.start, window.end, process, limit=limit)
+    if _wants_csv(request, format):
+        columns = [
+            "process", "platform", "outcome", "error_code", "count", "last_seen", "description"
+        ]
+        return _csv(to_csv(rows, columns), "errors")
+    return ErrorReport(window=window, process=process, errors=as_dicts(rows))

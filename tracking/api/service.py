@@ -1,0 +1,338 @@
+"""What the endpoints do, over the tracker and the reports (no HTTP in here).
+
+``ApiService`` holds the settings, the tracker, the reports, the intake batcher and the two
+ways of running a transaction now: inline through the resume flow scoped to it
+(``process_runner``) or handed to the process's Prefect deployment (``deployment_runner``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from tracking import __version__
+from tracking.api.errors import ApiError, validation_error
+from tracking.api.intake import IntakeBatcher
+from tracking.api.schemas import (
+    ComponentHealth,
+    Health,
+    ProcessQueued,
+    ProcessResult,
+    TransactionDetail,
+    TransactionOut,
+    TransactionPage,
+    decode_cursor,
+    encode_cursor,
+    is_uuid,
+)
+from tracking.db import read_only
+from tracking.models import FINAL_TX_STATES, StageState, TxProcess, TxStage, TxState
+from tracking.reports import Reports
+from tracking.settings import Settings
+from tracking.store import Tracker, TransactionNotFound
+
+logger = logging.getLogger("tracking.api")
+
+TX = TxProcess.__table__
+STAGE = TxStage.__table__
+DEFAULT_REPORT_DAYS = 30
+PREFECT_HEALTH_TIMEOUT = 1.0
+
+ProcessRunner = Callable[[str, str], Any]
+"""Runs the runnable stages of one transaction now: ``(process_code, uuid) -> summary``."""
+
+DeploymentRunner = Callable[[str, str], tuple[str, str]]
+"""Hands one transaction to its deployment: ``(process_code, uuid) -> (deployment, run id)``."""
+
+
+def resume_flow_runner(database_url: str) -> ProcessRunner:
+    """The default inline runner: ``tracking.runner.resume_flow`` scoped to the transaction."""
+
+    def run(process: str, uuid: str) -> Any:
+        from tracking import runner
+
+        return runner.resume_flow(process=process, uuid=uuid, database_url=database_url)
+
+    return run
+
+
+def run_on_deployment(process: str, uuid: str) -> tuple[str, str]:
+    """The default deployment runner: a flow run of the process's resume deployment."""
+    from prefect.deployments import run_deployment
+
+    from tracking.runner import deployment_name
+
+    name = deployment_name(process)
+    flow_run = run_deployment(
+        name=name, parameters={"process": process, "uuid": uuid}, timeout=0
+    )
+    return name, str(flow_run.id)
+
+
+def log_transition(uuid: str, old: TxState | None, new: TxState, action: str) -> None:
+    """One log line per transaction state change made through the API."""
+    old_value = old.value if old is not None else None
+    logger.info(
+        "transition",
+        extra={"uuid": uuid, "old_state": old_value, "new_state": new.value, "action": action},
+    )
+
+
+@dataclass(frozen=True)
+class Runnability:
+    """Whether a transaction has anything to run now (one query, see ``runnability``)."""
+
+    process: str
+    state: TxState
+    runnable: bool
+    running: bool
+    next_attempt_at: datetime | None
+
+
+class ApiService:
+    """The API's operations. Blocking methods are called from worker threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tracker: Tracker,
+        process_runner: ProcessRunner | None = None,
+        deployment_runner: DeploymentRunner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.reports = Reports(tracker.engine)
+        self.intake = IntakeBatcher(tracker)
+        url = tracker.engine.url.render_as_string(hide_password=False)
+        self.process_runner = process_runner or resume_flow_runner(url)
+        self.deployment_runner = deployment_runner or run_on_deployment
+
+    # -- health ----------------------------------------------------------------------------
+
+    def database_health(self) -> ComponentHealth:
+        try:
+            with read_only(self.tracker.engine) as conn:
+                conn.execute(sa.text("SELECT 1")).scalar_one()
+        except Exception as exc:
+            logger.warning("health: database check failed: %s", type(exc).__name__)
+            return ComponentHealth(status="error", detail=type(exc).__name__)
+        return ComponentHealth(status="ok", detail=self.tracker.engine.dialect.name)
+
+    @staticmethod
+    async def prefect_health() -> ComponentHealth:
+        """Ask ``{PREFECT_API_URL}/health`` (1 s timeout); never raises."""
+        try:
+            from prefect.settings import get_current_settings
+
+            url = get_current_settings().api.url
+        except Exception:  # Prefect misconfigured: say so, do not fail the health check
+            return ComponentHealth(status="error", detail="cannot read Prefect settings")
+        if not url:
+            return ComponentHealth(
+                status="not configured",
+                detail="PREFECT_API_URL is not set: flows use an ephemeral Prefect server",
+            )
+        try:
+            async with httpx.AsyncClient(timeout=PREFECT_HEALTH_TIMEOUT) as client:
+                response = await client.get(f"{url.rstrip('/')}/health")
+            if response.status_code == 200:
+                return ComponentHealth(status="ok", detail=url)
+            return ComponentHealth(status="error", detail=f"{url}: HTTP {response.status_code}")
+        except Exception as exc:
+            return ComponentHealth(status="unreachable", detail=f"{url}: {type(exc).__name__}")
+
+    @staticmethod
+    def health(database: ComponentHealth, prefect: ComponentHealth) -> Health:
+        status = "ok" if prefect.status in ("ok", "not configured") else "degraded"
+        return Health(status=status, version=__version__, database=database, prefect=prefect)
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def check_process(self, code: str | None) -> str | None:
+        """``code`` when it is a registered process (or None); 422 otherwise."""
+        if code is not None:
+            self.tracker.process(code)  # UnknownProcessError -> 422
+        return code
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def get(self, uuid: str) -> TransactionDetail:
+        if not is_uuid(uuid):
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        return TransactionDetail.of(self.tracker.get_transaction(uuid))
+
+    def list(
+        self,
+        *,
+        process: str | None,
+        state: TxState | None,
+        source: str | None,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> TransactionPage:
+        self.check_process(process)
+        if created_from and created_to and created_from > created_to:
+            raise validation_error("created_from is after created_to", field="created_from")
+        before = decode_cursor(cursor) if cursor else None
+        rows = self.reports.list_transactions(
+            process=process, state=state, source=source, created_from=created_from,
+            created_to=created_to, limit=limit + 1, before=before,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].uuid) if more else None
+        return TransactionPage(
+            items=[TransactionOut.of(r) for r in rows], limit=limit, next_cursor=next_cursor
+        )
+
+    def runnability(self, uuid: str) -> Runnability:
+        """State of the transaction and whether a stage of it can be claimed now, in SQL.
+
+        Runnable: a stage is due (``next_attempt_at <= now``), or a stage's lease expired
+        (its worker died; the claim recovers it). Running: a stage is claimed right now.
+        """
+        if not is_uuid(uuid):
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        now = self.tracker.clock()
+        mine = STAGE.c.uuid == TX.c.uuid
+        due = sa.and_(STAGE.c.next_attempt_at.is_not(None), STAGE.c.next_attempt_at <= now)
+        expired = sa.and_(
+            STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.lease_expires_at <= now
+        )
+        in_progress = sa.and_(
+            STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.lease_expires_at > now
+        )
+        query = sa.select(
+            TX.c.process_code,
+            TX.c.state,
+            sa.exists().where(mine, sa.or_(due, expired)).label("runnable"),
+            sa.exists().where(mine, in_progress).label("running"),
+            sa.select(sa.func.min(STAGE.c.next_attempt_at)).where(mine)
+            .scalar_subquery().label("next_attempt_at"),
+        ).where(TX.c.uuid == uuid)
+        with read_only(self.tracker.engine) as conn:
+            row = conn.execute(query).one_or_none()
+        if row is None:
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        next_at = row.next_attempt_at
+        if next_at is not None:
+            next_at = STAGE.c.next_attempt_at.type.process_result_value(
+                datetime.fromisoformat(next_at) if isinstance(next_at, str) else next_at,
+                self.tracker.engine.dialect,
+            )
+        return Runnability(
+            row.process_code, TxState(row.state), bool(row.runnable), bool(row.running), next_at
+        )
+
+    def check_runnable(self, uuid: str) -> Runnability:
+        """The runnability, or 409 ``ALREADY_PROCESSED`` when nothing can run now."""
+        r = self.runnability(uuid)
+        if r.runnable and r.state not in FINAL_TX_STATES:
+            return r
+        if r.state in FINAL_TX_STATES:
+            reason, message = "final", f"transaction is {r.state.value}: nothing left to run"
+        elif r.running:
+            reason, message = "running", "a stage of this transaction is running right now"
+        else:
+            reason = "not_due"
+            message = "no stage is due yet" + (
+                f" (next attempt at {r.next_attempt_at.isoformat()})" if r.next_attempt_at else ""
+            )
+        raise ApiError(
+            409, "ALREADY_PROCESSED", message,
+            {"state": r.state.value, "reason": reason, "next_attempt_at": r.next_attempt_at},
+        )
+
+    def run_inline(self, uuid: str, before: Runnability) -> ProcessResult:
+        """Run the transaction's runnable stages through the resume flow (worker thread)."""
+        try:
+            summary = self.process_runner(before.process, uuid)
+        except Exception as exc:
+            logger.exception("resume flow failed for transaction %s", uuid)
+            raise ApiError(
+                500, "PROCESS_RUN_FAILED",
+                f"the resume flow failed ({type(exc).__name__}); see the logs for request_id",
+            ) from None
+        tx = self.tracker.get_transaction(uuid)
+        if tx.state != before.state:
+            log_transition(uuid, before.state, tx.state, "process")
+        summary = summary if isinstance(summary, Mapping) else {}
+        stages_run = summary.get("stages_run")
+        flow_run_id = summary.get("flow_run_id")
+        return ProcessResult(
+            **TransactionDetail.of(tx).model_dump(),
+            previous_state=before.state,
+            stages_run=stages_run if isinstance(stages_run, int) else None,
+            flow_run_id=str(flow_run_id) if flow_run_id else None,
+        )
+
+    def run_on_deployment(self, uuid: str, before: Runnability) -> ProcessQueued:
+        """Hand the transaction to its Prefect deployment (worker thread)."""
+        try:
+            deployment, flow_run_id = self.deployment_runner(before.process, uuid)
+        except Exception as exc:
+            logger.warning(
+                "could not create a flow run for transaction %s: %s: %s",
+                uuid, type(exc).__name__, str(exc)[:300],
+            )
+            raise ApiError(
+                503, "PREFECT_UNAVAILABLE",
+                f"could not hand the transaction to its Prefect deployment ({type(exc).__name__})",
+                headers={"Retry-After": "30"},
+            ) from None
+        logger.info(
+            "queued",
+            extra={"uuid": uuid, "deployment": deployment, "flow_run_id": flow_run_id},
+        )
+        return ProcessQueued(
+            uuid=uuid, process=before.process, state=before.state, deployment=deployment,
+            flow_run_id=flow_run_id,
+        )
+
+    def cancel(self, uuid: str, reason: str | None, actor: str | None) -> TransactionDetail:
+        before = self._state(uuid)
+        tx = self.tracker.cancel(uuid, reason=reason or "cancelled through the API",
+                                 actor=actor or "api")
+        log_transition(uuid, before, tx.state, "cancel")
+        return TransactionDetail.of(tx)
+
+    def requeue(self, uuid: str, reason: str | None, actor: str | None) -> TransactionDetail:
+        before = self._state(uuid)
+        tx = self.tracker.requeue(uuid, reason=reason or "requeued through the API",
+                                  actor=actor or "api")
+        log_transition(uuid, before, tx.state, "requeue")
+        return TransactionDetail.of(tx)
+
+    def _state(self, uuid: str) -> TxState:
+        if not is_uuid(uuid):
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        with read_only(self.tracker.engine) as conn:
+            state = conn.execute(
+                sa.select(TX.c.state).where(TX.c.uuid == uuid)
+            ).scalar_one_or_none()
+        if state is None:
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        return TxState(state)
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def window(self, start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+        """The report window: ``end`` defaults to now (inclusive), ``start`` to 30 days before."""
+        if end is None:
+            end = self.tracker.clock() + timedelta(microseconds=1)
+        if start is None:
+            try:
+                start = end - timedelta(days=DEFAULT_REPORT_DAYS)
+            except OverflowError:
+                raise validation_error("to is out of range", field="to") from None
+        if start > end:
+            raise validation_error("from is after to", field="from")
+        return start, end
