@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,7 +43,14 @@ from tracking.dedup import canonical_json
 from tracking.models import StageState, TxState
 from tracking.reports import (
     REQUEUABLE_TX_STATES,
+    AgingItem,
+    AttemptCount,
+    ErrorCount,
+    HourlyThroughput,
+    PlatformStageStateCount,
+    ProcessStateCount,
     Reports,
+    StageDuration,
     as_dicts,
     to_csv,
 )
@@ -244,16 +251,20 @@ def _table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) ->
     table = Table(header_style="bold")
     for i, header in enumerate(headers):
         numeric = bool(rows) and all(isinstance(r[i], int | float) for r in rows)
-        table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+        uuid = header == "uuid"  # never folded: operators copy them
+        table.add_column(header, justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=uuid, min_width=36 if uuid else None)
     for row in rows:
         table.add_row(*(_styled(v) for v in row))
     return Group(Text(title, style="bold"), table)
 
 
-def _emit(rows: Sequence[Any], fmt: str, as_table: Callable[[], Group]) -> None:
+def _emit(
+    rows: Sequence[Any], fmt: str, row_type: type, as_table: Callable[[], Group]
+) -> None:
     """Print report rows as csv, json, or (``table``) what ``as_table`` builds."""
     if fmt == "csv":
-        sys.stdout.write(to_csv(rows))
+        sys.stdout.write(to_csv(rows, [f.name for f in fields(row_type)]))
     elif fmt == "json":
         sys.stdout.write(json.dumps(as_dicts(rows), indent=2) + "\n")
     else:
@@ -427,7 +438,7 @@ def intake(
     new = 0
     with Progress(
         TextColumn("[bold]intake {task.description}"), BarColumn(), MofNCompleteColumn(),
-        console=ctx().err, transient=True,
+        console=ctx().err, transient=True, disable=not ctx().err.is_terminal,
     ) as progress:
         task = progress.add_task(process, total=len(items))
         for i in range(0, len(items), chunk_size):
@@ -522,19 +533,23 @@ def _print_run_summary(summary: dict[str, Any], fmt: str) -> None:
         out.print(_table("Top errors", headers, [[e.get(h) for h in headers] for e in errors]))
 
 
-def _with_database_env(call: Callable[[], Any]) -> Any:
-    """Run ``call`` with --database-url (if given) as TRACKING_DATABASE_URL."""
+def _run_service(name: str, call: Callable[[], Any]) -> Any:
+    """Run ``call`` (a server or the demo) with --database-url, if given, as
+    TRACKING_DATABASE_URL; any error it raises is a failure (exit code 1)."""
     url = ctx().database_url
-    if url is None:
-        return call()
     previous = os.environ.get("TRACKING_DATABASE_URL")
-    os.environ["TRACKING_DATABASE_URL"] = url
+    if url is not None:
+        os.environ["TRACKING_DATABASE_URL"] = url
     try:
         return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise Failed(f"{name}: {type(exc).__name__}: {exc}") from exc
     finally:
-        if previous is None:
+        if url is not None and previous is None:
             os.environ.pop("TRACKING_DATABASE_URL", None)
-        else:
+        elif url is not None:
             os.environ["TRACKING_DATABASE_URL"] = previous
 
 
@@ -553,25 +568,31 @@ def api(*, host: str = "127.0.0.1", port: int = 8000) -> int:
         raise BadInput(f"--port must be from 1 to 65535, got {port}")
     import uvicorn
 
-    _with_database_env(lambda: uvicorn.run("tracking.api:app", host=host, port=port))
+    _run_service("api", lambda: uvicorn.run("tracking.api:app", host=host, port=port))
     return EXIT_OK
 
 
 @app.command
 def serve() -> int:
     """Serve every process's hourly deployment from this process (until Ctrl-C)."""
-    from deployments.serve import main as serve_main
+    def serve_all() -> None:
+        from deployments.serve import main as serve_main
 
-    _with_database_env(serve_main)
+        serve_main()
+
+    _run_service("serve", serve_all)
     return EXIT_OK
 
 
 @app.command
 def demo() -> int:
     """Run the demo end to end: intake the sample file, run it a few times, print reports."""
-    from flows.demo import main as demo_main
+    def run_demo() -> Any:
+        from flows.demo import main as demo_main
 
-    result = _with_database_env(demo_main)
+        return demo_main()
+
+    result = _run_service("demo", run_demo)
     return result if isinstance(result, int) else EXIT_OK
 
 
@@ -777,7 +798,7 @@ def summary(
         return _pivot(f"Transactions by state, {_span(start, end)}", keys, ["Process"], counts,
                       _states_present(rows, TxState))
 
-    _emit(rows, format, as_table)
+    _emit(rows, format, ProcessStateCount, as_table)
     return EXIT_OK
 
 
@@ -796,7 +817,7 @@ def stages(
         return _pivot(f"Stages by state, {_span(start, end)}", keys, ["Platform", "Stage"],
                       counts, _states_present(rows, StageState))
 
-    _emit(rows, format, as_table)
+    _emit(rows, format, PlatformStageStateCount, as_table)
     return EXIT_OK
 
 
@@ -815,7 +836,7 @@ def errors(
     _positive("--limit", limit)
     start, end = _report_window(from_, to, process, timedelta(days=7))
     rows = ctx().reports().top_errors(start, end, process, limit=limit)
-    _emit(rows, format, lambda: _table(
+    _emit(rows, format, ErrorCount, lambda: _table(
         f"Top errors, {_span(start, end)}",
         ["Process", "Platform", "Outcome", "Code", "Count", "Last seen", "Description"],
         [[r.process, r.platform, r.outcome, r.error_code, r.count, r.last_seen, r.description]
@@ -843,7 +864,7 @@ def aging(
     end = parse_time(to, end=True) if to else None
     ctx().check_reported_process(process)
     rows = ctx().reports().aging(process, start=start, end=end, limit=limit)
-    _emit(rows, format, lambda: _table(
+    _emit(rows, format, AgingItem, lambda: _table(
         "Waiting transactions, oldest first",
         ["uuid", "Process", "Business key", "State", "Waiting at", "Stage state", "Tries",
          "Next attempt", "Last error", "Created", "Age"],
@@ -864,7 +885,7 @@ def throughput(
     start, end = _report_window(from_, to, process, timedelta(hours=24))
     rows = ctx().reports().throughput_by_hour(start, end, process)
     peak = max((r.finished for r in rows), default=0) or 1
-    _emit(rows, format, lambda: _table(
+    _emit(rows, format, HourlyThroughput, lambda: _table(
         f"Finished per hour, {_span(start, end)}",
         ["Hour (UTC)", "Completed", "Rejected", "Exhausted", "Cancelled", "Total", ""],
         [[r.hour.strftime("%Y-%m-%d %H:00"), r.completed, r.rejected, r.exhausted,
@@ -881,7 +902,7 @@ def attempts(
     """How many attempts stages took, per platform (0: not tried yet)."""
     start, end = _report_window(from_, to, process, timedelta(days=7))
     rows = ctx().reports().attempts_distribution(start, end, process)
-    _emit(rows, format, lambda: _table(
+    _emit(rows, format, AttemptCount, lambda: _table(
         f"Attempts per stage, {_span(start, end)}", ["Platform", "Attempts", "Stages"],
         [[r.platform, r.attempts, r.stages] for r in rows],
     ))
@@ -896,7 +917,7 @@ def durations(
     """Attempt durations per platform: mean, p95 and max seconds."""
     start, end = _report_window(from_, to, process, timedelta(days=7))
     rows = ctx().reports().stage_durations(start, end, process)
-    _emit(rows, format, lambda: _table(
+    _emit(rows, format, StageDuration, lambda: _table(
         f"Attempt durations (seconds), {_span(start, end)}",
         ["Process", "Platform", "Attempts", "Mean", "p95", "Max"],
         [[r.process, r.platform, r.attempts, r.mean_seconds, r.p95_seconds, r.max_seconds]
