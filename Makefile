@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_store.py
+
+# The HTML report of a sample scenario, and a headless Chromium screenshot of it (checked not blank).
+screenshot: $(STAMP)
+	$(BIN)/python -m tests.sample_report build/report-sample.html build/report-sample.png
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
