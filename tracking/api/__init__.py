@@ -116,10 +116,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     service: ApiService | None = app.state.service
-    codes = [p.code for p in service.tracker.processes] if service else []
-    if codes:
-        prop = schema["components"]["schemas"]["TransactionIn"]["properties"]["process"]
-        prop["examples"] = codes
+    processes = service.tracker.processes if service else []
+    if processes:
+        model = schema["components"]["schemas"]["TransactionIn"]
+        model["properties"]["process"]["examples"] = [p.code for p in processes]
+        model["examples"] = [
+            {
+                "process": p.code,
+                "payload": {field: f"example-{i}" for field in p.dedup.describe()["fields"]}
+                or {"example": i},
+                "source": "api",
+            }
+            for i, p in enumerate(processes, 1)
+        ]
     schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
     schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     if service is not None:

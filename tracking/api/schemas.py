@@ -109,14 +109,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 class TransactionIn(BaseModel):
     """A new transaction: the process it belongs to and its business payload."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"process": "DEMO", "payload": {"request_id": "FE-1"}, "source": "crm"}
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid")
 
     process: str = Field(
         min_length=1, max_length=64, pattern=CODE_PATTERN,
