@@ -890,3 +890,66 @@ def test_process_through_the_real_resume_flow(prefect_harness, monkeypatch, sqli
         assert client.get(f"/transactions/{other}").json()["state"] == "PENDING"
         assert_error(client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED")
         assert StageState.COMPLETED.value == final["stages"][0]["state"]
+
+
+# -- report coalescing ----------------------------------------------------------------------
+
+
+def test_coalescer_shares_runs_but_never_serves_a_result_older_than_the_request():
+    import asyncio
+
+    from tracking.api.coalesce import Coalescer
+
+    coalescer = Coalescer()
+    runs: list[int] = []
+    release = threading.Event()
+
+    def query() -> int:
+        runs.append(len(runs) + 1)
+        number = len(runs)
+        if number == 1:
+            release.wait(5)  # the first run is slow: the others arrive while it runs
+        return number
+
+    async def scenario() -> list[int]:
+        first = asyncio.create_task(coalescer.run("k", query))
+        await asyncio.sleep(0.05)  # the first run has started
+        late = [asyncio.create_task(coalescer.run("k", query)) for _ in range(5)]
+        other = asyncio.create_task(coalescer.run("other", lambda: 99))
+        await asyncio.sleep(0.05)
+        release.set()
+        return [await first, *[await t for t in late], await other]
+
+    results = asyncio.run(scenario())
+    # The late callers arrived while run 1 was going: they share run 2, started after it.
+    assert results == [1, 2, 2, 2, 2, 2, 99]
+    assert runs == [1, 2]
+
+
+def test_coalescer_hands_errors_to_every_waiter():
+    import asyncio
+
+    from tracking.api.coalesce import Coalescer
+
+    coalescer = Coalescer()
+
+    def fail() -> None:
+        time.sleep(0.05)
+        raise ValueError("bad window")
+
+    async def scenario() -> list[BaseException | None]:
+        tasks = [asyncio.create_task(coalescer.run("k", fail)) for _ in range(3)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert all(isinstance(e, ValueError) for e in asyncio.run(scenario()))
+    assert asyncio.run(coalescer.run("k", lambda: "fresh")) == "fresh"  # the slot was freed
+
+
+def test_concurrent_summaries_are_all_correct(client, tracker):
+    for i in range(5):
+        submit(client, f"C-{i}")
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda _: client.get("/reports/summary").json(), range(16)))
+    assert {b["total"] for b in bodies} == {5}
+    submit(client, "C-new")  # committed before the next request: it must be counted
+    assert client.get("/reports/summary").json()["total"] == 6

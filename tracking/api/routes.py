@@ -7,6 +7,7 @@ Blocking database work runs in worker threads (plain ``def`` endpoints, or
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -246,9 +247,27 @@ def requeue_transaction(
 # -- reports --------------------------------------------------------------------------------
 
 
-def _window(service: ApiService, start: datetime | None, end: datetime | None) -> Window:
-    start, end = service.window(to_utc(start, "from"), to_utc(end, "to"))
-    return Window(start=start, end=end)
+async def _report(
+    service: ApiService,
+    name: str,
+    start: datetime | None,
+    end: datetime | None,
+    query: Callable[[datetime, datetime], list[Any]],
+    *key: Any,
+) -> tuple[Window, list[Any]]:
+    """Run a report query over the window, shared with identical concurrent requests.
+
+    The window's defaults (``to`` = now) are resolved when the query starts, so a shared
+    result is never older than the request.
+    """
+    start, end = to_utc(start, "from"), to_utc(end, "to")
+    service.window(start, end)  # validate now, before joining anything
+
+    def run() -> tuple[Window, list[Any]]:
+        s, e = service.window(start, end)
+        return Window(start=s, end=e), query(s, e)
+
+    return await service.coalescer.run((name, start, end, *key), run)
 
 
 @router.get(
@@ -257,7 +276,7 @@ def _window(service: ApiService, start: datetime | None, end: datetime | None) -
     responses={**CSV_RESPONSE, **_errors(401, 422)},
     summary="Transactions counted by state and by process",
 )
-def summary_report(
+async def summary_report(
     request: Request,
     service: Service,
     process: ProcessFilter = None,
@@ -268,8 +287,10 @@ def summary_report(
 ) -> Any:
     """Transactions created in `[from, to)`, counted by state and by process (one query)."""
     service.check_process(process)
-    window = _window(service, start, end)
-    rows = service.reports.summary_by_process_and_state(window.start, window.end, process)
+    window, rows = await _report(
+        service, "summary", start, end,
+        lambda s, e: service.reports.summary_by_process_and_state(s, e, process), process,
+    )
     if state is not None:
         rows = [r for r in rows if r.state == state]
     if _wants_csv(request, format):
@@ -295,7 +316,7 @@ def summary_report(
     responses={**CSV_RESPONSE, **_errors(401, 422)},
     summary="Stages counted by platform, stage and state",
 )
-def stage_report(
+async def stage_report(
     request: Request,
     service: Service,
     process: ProcessFilter = None,
@@ -305,8 +326,10 @@ def stage_report(
 ) -> Any:
     """Stages of the transactions created in `[from, to)`, by platform (and stage) and state."""
     service.check_process(process)
-    window = _window(service, start, end)
-    rows = service.reports.stage_summary_by_platform_and_stage(window.start, window.end, process)
+    window, rows = await _report(
+        service, "stages", start, end,
+        lambda s, e: service.reports.stage_summary_by_platform_and_stage(s, e, process), process,
+    )
     if _wants_csv(request, format):
         return _csv(to_csv(rows, ["platform", "stage", "state", "count"]), "stages")
     by_platform: dict[tuple[str, str], int] = defaultdict(int)
@@ -328,7 +351,7 @@ def stage_report(
     responses={**CSV_RESPONSE, **_errors(401, 422)},
     summary="The most frequent error codes",
 )
-def error_report(
+async def error_report(
     request: Request,
     service: Service,
     process: ProcessFilter = None,
@@ -340,8 +363,10 @@ def error_report(
     """Error codes of the attempts made in `[from, to)`, most frequent first, with the latest
     description and when each was last seen."""
     service.check_process(process)
-    window = _window(service, start, end)
-    rows = service.reports.top_errors(window.start, window.end, process, limit=limit)
+    window, rows = await _report(
+        service, "errors", start, end,
+        lambda s, e: service.reports.top_errors(s, e, process, limit=limit), process, limit,
+    )
     if _wants_csv(request, format):
         columns = [
             "process", "platform", "outcome", "error_code", "count", "last_seen", "description"

@@ -17,6 +17,7 @@ import httpx
 import sqlalchemy as sa
 
 from tracking import __version__
+from tracking.api.coalesce import Coalescer
 from tracking.api.errors import ApiError, validation_error
 from tracking.api.intake import IntakeBatcher
 from tracking.api.schemas import (
@@ -109,6 +110,7 @@ class ApiService:
         self.tracker = tracker
         self.reports = Reports(tracker.engine)
         self.intake = IntakeBatcher(tracker)
+        self.coalescer = Coalescer()
         url = tracker.engine.url.render_as_string(hide_password=False)
         self.process_runner = process_runner or resume_flow_runner(url)
         self.deployment_runner = deployment_runner or run_on_deployment
