@@ -120,6 +120,22 @@ def client(make_client) -> TestClient:
     return make_client()
 
 
+@pytest.fixture
+def api_logs() -> Iterator[list[logging.LogRecord]]:
+    """The records of the ``tracking.api`` logger (it does not propagate to the root)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    logger = logging.getLogger("tracking.api")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
 def submit(client: TestClient, request_id: str = "FE-1", **payload: Any):
     return client.post(
         "/transactions",
@@ -207,8 +223,7 @@ def test_app_built_from_settings_registers_processes_in_the_database(sqlite_url)
 # -- intake -----------------------------------------------------------------------------------
 
 
-def test_create_then_duplicate_returns_the_same_transaction(client, tracker, caplog):
-    caplog.set_level(logging.INFO, logger="tracking.api")
+def test_create_then_duplicate_returns_the_same_transaction(client, tracker, api_logs):
     first = submit(client, name="x")
     assert first.status_code == 201
     body = first.json()
@@ -221,7 +236,7 @@ def test_create_then_duplicate_returns_the_same_transaction(client, tracker, cap
     assert again.status_code == 200
     assert again.json() == body  # same shape, same uuid, nothing changed
     assert tx_count(tracker) == 1
-    transitions = [r for r in caplog.records if r.getMessage() == "transition"]
+    transitions = [r for r in api_logs if r.getMessage() == "transition"]
     assert [(t.uuid, t.old_state, t.new_state) for t in transitions] == [
         (body["uuid"], None, "PENDING")
     ]
@@ -434,9 +449,8 @@ def test_cursor_from_another_listing_position_still_works(client, tracker, clock
 
 
 def test_process_runs_the_transaction_and_a_second_call_is_409(
-    make_client, tracker, caplog
+    make_client, tracker, api_logs
 ):
-    caplog.set_level(logging.INFO, logger="tracking.api")
     calls: list[tuple[str, str]] = []
     client = make_client(runner=fake_runner(tracker, calls=calls))
     uuid = submit(client).json()["uuid"]
@@ -450,7 +464,7 @@ def test_process_runs_the_transaction_and_a_second_call_is_409(
     assert [s["attempt"] for s in body["stages"]] == [1, 1, 1, 1]
     assert calls == [(P, uuid)]
     transition = [
-        rec for rec in caplog.records if rec.getMessage() == "transition" and rec.uuid == uuid
+        rec for rec in api_logs if rec.getMessage() == "transition" and rec.uuid == uuid
     ][-1]
     assert (transition.old_state, transition.new_state, transition.request_id) == (
         "PENDING", "COMPLETED", "run-1"
@@ -604,8 +618,7 @@ def test_default_deployment_runner_calls_run_deployment(monkeypatch):
 # -- operator actions -------------------------------------------------------------------------
 
 
-def test_cancel_records_reason_and_actor_and_is_409_when_final(client, caplog):
-    caplog.set_level(logging.INFO, logger="tracking.api")
+def test_cancel_records_reason_and_actor_and_is_409_when_final(client, api_logs):
     uuid = submit(client).json()["uuid"]
     r = client.post(f"/transactions/{uuid}/cancel", json={"reason": "customer called",
                                                           "actor": "alice"})
@@ -620,7 +633,7 @@ def test_cancel_records_reason_and_actor_and_is_409_when_final(client, caplog):
     assert any(
         rec.getMessage() == "transition" and rec.uuid == uuid
         and (rec.old_state, rec.new_state) == ("PENDING", "CANCELLED")
-        for rec in caplog.records
+        for rec in api_logs
     )
     assert_error(client.post(f"/transactions/{uuid}/cancel"), 409, "INVALID_TRANSITION")
 
@@ -751,8 +764,7 @@ def test_unknown_route_and_wrong_method_have_the_envelope(client):
     assert_error(client.delete("/transactions"), 405, "METHOD_NOT_ALLOWED")
 
 
-def test_unexpected_exception_is_500_envelope_with_request_id(client, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="tracking.api")
+def test_unexpected_exception_is_500_envelope_with_request_id(client, monkeypatch, api_logs):
 
     def explode(uuid: str) -> None:
         raise RuntimeError("internal detail /etc/secret")
@@ -762,7 +774,7 @@ def test_unexpected_exception_is_500_envelope_with_request_id(client, monkeypatc
     body = assert_error(r, 500, "INTERNAL_ERROR")
     assert body["request_id"] == "boom-1" and r.headers["x-request-id"] == "boom-1"
     assert "secret" not in r.text
-    logged = [rec for rec in caplog.records if rec.request_id == "boom-1"]
+    logged = [rec for rec in api_logs if rec.request_id == "boom-1"]
     assert any(rec.exc_info for rec in logged)  # the traceback is in the log
     assert any(rec.getMessage() == "request" and rec.status == 500 for rec in logged)
 
@@ -779,13 +791,12 @@ def test_request_id_is_echoed_when_safe_and_replaced_otherwise(client):
     assert r.headers["x-request-id"] == "err-1" and r.json()["request_id"] == "err-1"
 
 
-def test_every_log_line_of_a_request_carries_its_id(client, caplog):
-    caplog.set_level(logging.INFO, logger="tracking.api")
+def test_every_log_line_of_a_request_carries_its_id(client, api_logs):
     submit(client)
     r = client.post("/transactions", json={"process": P, "payload": {"request_id": "L"}},
                     headers={"X-Request-ID": "req-42"})
     assert r.status_code == 201
-    mine = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "req-42"]
+    mine = [rec for rec in api_logs if getattr(rec, "request_id", None) == "req-42"]
     assert {rec.getMessage() for rec in mine} == {"transition", "request"}
     access = next(rec for rec in mine if rec.getMessage() == "request")
     assert (access.method, access.path, access.status) == ("POST", "/transactions", 201)

@@ -146,11 +146,13 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Set up the ``tracking.api`` logger: level, request id filter, a stderr handler.
 
     Lines are written to stderr by a background thread. Calling it again (another app in the
-    same process) updates level and format instead of adding a second handler. Records also
-    propagate to the root logger (pytest's caplog sees them).
+    same process) updates level and format instead of adding a second handler. Records do not
+    propagate to the root logger: Prefect installs a console handler there when a flow runs
+    in the API process, which would print every line twice (without its fields).
     """
     global _listener
     logger.setLevel(level.upper())
+    logger.propagate = False
     if not any(isinstance(f, RequestIdFilter) for f in logger.filters):
         logger.addFilter(RequestIdFilter())
     if _listener is None:
