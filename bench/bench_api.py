@@ -7,7 +7,9 @@ The script
    end) and seeds ``--seed`` transactions (default 100,000) with ``Tracker.start_many``;
 2. starts ``uvicorn tracking.api:app`` (one worker, 127.0.0.1, a free port) in a subprocess,
    with the API's own logging on at INFO (written to a file, as in production);
-3. drives it with httpx (asyncio, ``--concurrency`` requests in flight, default 16):
+3. drives it over keep-alive connections (asyncio, ``--concurrency`` requests in flight,
+   default 16; a minimal HTTP/1.1 client, because httpx's own overhead caps it at a few
+   hundred requests/s on a small machine; ``--client httpx`` uses httpx anyway):
    ``--creates`` (default 2,000) ``POST /transactions`` with distinct payloads, then
    ``--summaries`` (default 1,000) ``GET /reports/summary`` (default window: the last 30 days,
    so every seeded row is counted) at the same concurrency, and again one at a time;
@@ -120,20 +122,27 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(url: str, log_path: Path) -> Iterator[str]:
-    """``uvicorn tracking.api:app`` with one worker on a free loopback port."""
+def server(url: str, log_path: Path, uvicorn_args: list[str] | None = None) -> Iterator[str]:
+    """``uvicorn tracking.api:app`` with one worker on a free loopback port.
+
+    uvicorn uses httptools and uvloop when they are importable (``uvicorn[standard]``);
+    ``--uvicorn-args "--http h11"`` and the like choose explicitly.
+    """
     port = free_port()
     env = {
         **os.environ,
         "TRACKING_DATABASE_URL": url,
         "TRACKING_PROCESSES": "bench_api:PROCESSES",
         "TRACKING_LOG_LEVEL": "INFO",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "bench"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
     }
     env.pop("TRACKING_API_KEY", None)
     command = [
         sys.executable, "-m", "uvicorn", "tracking.api:app", "--host", "127.0.0.1",
         "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning",
+        *(uvicorn_args or []),
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -345,34 +354,56 @@ async def summary(client: httpx.AsyncClient, _i: int) -> httpx.Response:
     return await client.get("/reports/summary")
 
 
+def load(args: argparse.Namespace, base: str) -> dict[str, Any]:
+    """The measured scenarios, with the raw client (default) or httpx (``--client httpx``)."""
+    raw = args.client == "raw"
+
+    def go(total: int, concurrency: int, scenario: str, expect: tuple[int, ...]) -> Any:
+        if scenario.startswith("create:"):
+            prefix = scenario.split(":", 1)[1]
+            request: Any = create_raw(prefix) if raw else create(prefix)
+        else:
+            request = summary_raw if raw else summary
+        runner = drive_raw if raw else drive
+        return asyncio.run(runner(base, total, concurrency, request, expect))
+
+    # Warm up connections, imports and caches; not measured.
+    go(200, args.concurrency, "create:warm", (201,))
+    go(20, 4, "summary", (200,))
+    results = {}
+    print("POST /transactions...", flush=True)
+    results["create"] = go(args.creates, args.concurrency, "create:new", (201,))
+    print("POST /transactions (duplicates)...", flush=True)
+    results["create_duplicate"] = go(args.creates, args.concurrency, "create:new", (200,))
+    print("GET /reports/summary...", flush=True)
+    results["summary"] = go(args.summaries, args.concurrency, "summary", (200,))
+    results["summary_sequential"] = go(max(100, args.summaries // 5), 1, "summary", (200,))
+    return results
+
+
+def _uvicorn_stack(extra: str) -> str:
+    """Which HTTP parser and event loop the server used (as uvicorn's "auto" picks them)."""
+    probe = "import importlib.util as u; print(bool(u.find_spec('httptools')), " \
+        "bool(u.find_spec('uvloop')))"
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    httptools, uvloop = out.stdout.split()
+    http = "httptools" if httptools == "True" else "h11"
+    loop = "uvloop" if uvloop == "True" else "asyncio"
+    return f"http={http} loop={loop} {extra}".strip()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp, fresh_database(
         args.database_url, Path(tmp)
     ) as url:
         dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
         print(f"seeding {args.seed:,} transactions ({dialect})...", flush=True)
-        results["seed_seconds"] = round(seed(url, args.seed), 1)
+        seed_seconds = round(seed(url, args.seed), 1)
         log_path = Path(tmp) / "uvicorn.log"
-        with server(url, log_path) as base:
-            # Warm up connections, imports and caches; not measured.
-            asyncio.run(drive(base, 200, args.concurrency, create("warm"), (201,)))
-            asyncio.run(drive(base, 20, 4, summary, (200,)))
-            print("POST /transactions...", flush=True)
-            results["create"] = asyncio.run(
-                drive(base, args.creates, args.concurrency, create("new"), (201,))
-            )
-            print("POST /transactions (duplicates)...", flush=True)
-            results["create_duplicate"] = asyncio.run(
-                drive(base, args.creates, args.concurrency, create("new"), (200,))
-            )
-            print("GET /reports/summary...", flush=True)
-            results["summary"] = asyncio.run(
-                drive(base, args.summaries, args.concurrency, summary, (200,))
-            )
-            results["summary_sequential"] = asyncio.run(
-                drive(base, max(100, args.summaries // 5), 1, summary, (200,))
-            )
+        load_before = os.getloadavg()
+        with server(url, log_path, args.uvicorn_args.split()) as base:
+            results = load(args, base)
             total = httpx.get(f"{base}/reports/summary").json()["total"]
             log_lines = sum(1 for _ in open(log_path, "rb"))
         expected = args.seed + 200 + args.creates
@@ -382,12 +413,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "database": dialect,
         "transactions": expected,
+        "seed_seconds": seed_seconds,
         "machine": {
             "python": platform_mod.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform_mod.platform(),
+            "load_average_before": [round(x, 2) for x in load_before],
         },
-        "server": "uvicorn, 1 worker, 127.0.0.1, API logging at INFO",
+        "server": "uvicorn tracking.api:app, 1 worker, 127.0.0.1, API logging at INFO",
+        "uvicorn": _uvicorn_stack(args.uvicorn_args),
+        "client": "raw asyncio HTTP/1.1 keep-alive" if args.client == "raw" else "httpx",
         "server_log_lines": log_lines,
         "targets": {"create_requests_per_s": 1000, "summary_p99_ms": 50},
         **results,
@@ -401,6 +436,13 @@ def main() -> None:
     parser.add_argument("--creates", type=int, default=2000)
     parser.add_argument("--summaries", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--client", choices=("raw", "httpx"), default="raw",
+        help="load generator: raw asyncio HTTP/1.1 (default) or httpx (slower than the server)",
+    )
+    parser.add_argument(
+        "--uvicorn-args", default="", help='extra uvicorn options, e.g. "--http httptools"'
+    )
     parser.add_argument("--quick", action="store_true", help="5k rows, 500 creates")
     args = parser.parse_args()
     if args.quick:
@@ -416,7 +458,8 @@ def main() -> None:
             f"p99 {r['p99_ms']:>7.2f} ms"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"api-{report['database']}{'-quick' if args.quick else ''}.json"
+    suffix = ("-quick" if args.quick else "") + ("-httpx" if args.client == "httpx" else "")
+    out = RESULTS / f"api-{report['database']}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
 

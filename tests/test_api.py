@@ -964,3 +964,33 @@ def test_concurrent_summaries_are_all_correct(client, tracker):
     assert {b["total"] for b in bodies} == {5}
     submit(client, "C-new")  # committed before the next request: it must be counted
     assert client.get("/reports/summary").json()["total"] == 6
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+def test_a_bad_payload_in_a_batch_fails_alone(tracker):
+    import asyncio
+
+    from tracking.api.errors import ApiError
+    from tracking.api.intake import IntakeBatcher, _Item
+
+    batcher = IntakeBatcher(tracker)
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(P, {"request_id": "G-1"}, "x", loop.create_future()),
+            # Not JSON (cannot come through HTTP): start_many refuses the whole batch...
+            _Item(P, {"request_id": "G-2", "bad": {1, 2}}, "x", loop.create_future()),
+            _Item(P, {"request_id": "G-1"}, "x", loop.create_future()),  # duplicate of #1
+            _Item(P, {"request_id": "G-3"}, None, loop.create_future()),  # another source
+        ]
+        return await asyncio.to_thread(batcher._write, items)
+
+    first, bad, dup, other = asyncio.run(scenario())
+    # ...so it is retried item by item: only the bad one fails.
+    assert isinstance(bad, ApiError) and bad.status == 422
+    assert first[1] is True and dup == (first[0], False)
+    assert other[1] is True and other[0].source is None
+    assert tx_count(tracker) == 2

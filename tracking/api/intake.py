@@ -46,13 +46,18 @@ class IntakeBatcher:
     Args:
         tracker: the tracker that writes them.
         max_batch: most payloads written in one database transaction.
+        writers: batches written at the same time. SQLite has one writer at a time anyway
+            (default 1 there); PostgreSQL overlaps commits (default 4).
     """
 
-    def __init__(self, tracker: Tracker, max_batch: int = 256) -> None:
+    def __init__(self, tracker: Tracker, max_batch: int = 256, writers: int | None = None) -> None:
         self.tracker = tracker
         self.max_batch = max_batch
+        if writers is None:
+            writers = 1 if tracker.engine.dialect.name == "sqlite" else 4
+        self.writers = writers
         self._queue: list[_Item] = []
-        self._draining = False
+        self._active = 0
 
     async def submit(
         self, process: str, payload: dict[str, Any], source: str | None = None
@@ -70,8 +75,8 @@ class IntakeBatcher:
         loop = asyncio.get_running_loop()
         item = _Item(process, payload, source, loop.create_future())
         self._queue.append(item)
-        if not self._draining:
-            self._draining = True
+        if self._active < self.writers:
+            self._active += 1
             # A fresh context: the writer's log lines must not carry this request's id.
             loop.create_task(self._drain(), context=contextvars.Context())
         return await item.future
@@ -100,7 +105,7 @@ class IntakeBatcher:
                     else:
                         item.future.set_result(result)
         finally:
-            self._draining = False
+            self._active -= 1
 
     def _write(self, batch: list[_Item]) -> list[tuple[Any, bool] | Exception]:
         """Runs in a worker thread: write the batch, read the rows back."""
