@@ -56,6 +56,31 @@ EVENT = TxEvent.__table__
 MAX_OWNER_LENGTH = 100
 MAX_SOURCE_LENGTH = 100
 
+# The hot paths' statements are built once: SQLAlchemy then reuses their compiled form
+# instead of rebuilding and re-hashing a statement on every call.
+_SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
+    TX.c.process_code == sa.bindparam("b_process"),
+    TX.c.fingerprint.in_(sa.bindparam("b_fingerprints", expanding=True)),
+)
+_INSERT_STAGES = sa.insert(STAGE)
+_INSERT_EVENT = sa.insert(EVENT)
+_LOCK_STAGES = (
+    sa.select(STAGE)
+    .where(STAGE.c.uuid == sa.bindparam("b_uuid"))
+    .order_by(STAGE.c.seq)
+    .with_for_update()
+)
+_LOCK_TX = sa.select(TX).where(TX.c.uuid == sa.bindparam("b_uuid")).with_for_update()
+# SET clauses come from the column names in the parameters of each call.
+_UPDATE_STAGE = sa.update(STAGE).where(STAGE.c.id == sa.bindparam("b_id"))
+_UPDATE_STAGE_FENCED = _UPDATE_STAGE.where(STAGE.c.state == sa.bindparam("b_state"))
+_CANCEL_OTHER_STAGES = sa.update(STAGE).where(
+    STAGE.c.uuid == sa.bindparam("b_uuid"),
+    STAGE.c.id != sa.bindparam("b_id"),
+    STAGE.c.state.in_([StageState.PENDING, StageState.TERMINATED]),
+)
+_UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
+
 
 class TrackingError(Exception):
     """Base class of the tracker's errors."""
@@ -128,6 +153,13 @@ class Tracker:
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # ON CONFLICT DO NOTHING: a concurrent submission of the same item wins quietly.
+        self._insert_transactions = (
+            insert(TX)
+            .on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
+            .returning(TX.c.fingerprint)
+        )
         self.clock = clock
         self.rng = rng or random.Random()
         self._processes: dict[str, Process] = {}
@@ -196,9 +228,7 @@ class Tracker:
             return self._processes[code]
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._processes)) or "none"
-            raise UnknownProcessError(
-                f"unknown process {code!r} (registered: {known})"
-            ) from None
+            raise UnknownProcessError(f"unknown process {code!r} (registered: {known})") from None
 
     def _platform_stage(
         self, process_code: str, platform: str, stage: str | None
@@ -247,51 +277,37 @@ class Tracker:
         if not prepared:
             return []
         now = self.clock()
-        plan = process.stage_plan()
-        with self.engine.begin() as conn:
-            fingerprints = list({fp for _, fp, _ in prepared})
-            existing = self._uuids_by_fingerprint(conn, process_code, fingerprints)
-            new_rows: dict[str, dict[str, Any]] = {}
-            for payload, fp, key in prepared:
-                if fp not in existing and fp not in new_rows:
-                    new_rows[fp] = {
-                        "uuid": str(uuid_lib.uuid4()),
-                        "process_code": process_code,
-                        "fingerprint": fp,
-                        "business_key": key[:200],
-                        "source": source,
-                        "payload": payload,
-                        "state": TxState.PENDING,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-            created: set[str] = set()
-            if new_rows:
-                # ON CONFLICT DO NOTHING: a concurrent submission of the same item wins quietly.
-                stmt = (
-                    _insert(conn, TX)
-                    .on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
-                    .returning(TX.c.fingerprint)
-                )
-                created = {
-                    r.fingerprint
-                    for r in conn.execute(stmt, list(new_rows.values())).all()
+        new_rows: dict[str, dict[str, Any]] = {}
+        for payload, fp, key in prepared:
+            if fp not in new_rows:
+                new_rows[fp] = {
+                    "uuid": str(uuid_lib.uuid4()),
+                    "process_code": process_code,
+                    "fingerprint": fp,
+                    "business_key": key[:200],
+                    "source": source,
+                    "payload": payload,
+                    "state": TxState.PENDING,
+                    "created_at": now,
+                    "updated_at": now,
                 }
-                lost = [fp for fp in new_rows if fp not in created]
-                if lost:
-                    existing.update(self._uuids_by_fingerprint(conn, process_code, lost))
+        with self.engine.begin() as conn:
+            inserted = conn.execute(self._insert_transactions, list(new_rows.values()))
+            created = {r.fingerprint for r in inserted}
+            duplicates = [fp for fp in new_rows if fp not in created]
+            existing = self._uuids_by_fingerprint(conn, process_code, duplicates)
             if created:
-                self._insert_stages(conn, process, plan, [new_rows[fp] for fp in created], now)
-            results = []
-            seen: set[str] = set()
-            for _, fp, _ in prepared:
-                if fp in created and fp not in seen:
-                    seen.add(fp)
-                    results.append(Intake(new_rows[fp]["uuid"], True))
-                else:
-                    uuid = new_rows[fp]["uuid"] if fp in created else existing[fp]
-                    results.append(Intake(uuid, False))
-            return results
+                txs = [row for fp, row in new_rows.items() if fp in created]
+                self._insert_stages(conn, process, txs, now)
+        results = []
+        for _, fp, _ in prepared:
+            if fp in created:
+                results.append(Intake(new_rows[fp]["uuid"], True))
+                created.discard(fp)  # a repeat of the item later in the batch is a duplicate
+                existing[fp] = new_rows[fp]["uuid"]
+            else:
+                results.append(Intake(existing[fp], False))
+        return results
 
     @staticmethod
     def _uuids_by_fingerprint(
@@ -299,28 +315,21 @@ class Tracker:
     ) -> dict[str, str]:
         found: dict[str, str] = {}
         for i in range(0, len(fingerprints), 500):
-            chunk = fingerprints[i : i + 500]
-            rows = conn.execute(
-                sa.select(TX.c.fingerprint, TX.c.uuid).where(
-                    TX.c.process_code == process_code, TX.c.fingerprint.in_(chunk)
-                )
+            params = {"b_process": process_code, "b_fingerprints": fingerprints[i : i + 500]}
+            found.update(
+                {r.fingerprint: r.uuid for r in conn.execute(_SELECT_FINGERPRINTS, params)}
             )
-            found.update({r.fingerprint: r.uuid for r in rows})
         return found
 
+    @staticmethod
     def _insert_stages(
-        self,
-        conn: Connection,
-        process: Process,
-        plan: list[Any],
-        txs: list[dict[str, Any]],
-        now: datetime,
+        conn: Connection, process: Process, txs: list[dict[str, Any]], now: datetime
     ) -> None:
+        plan = [(s, process.get_platform(s.platform).retry) for s in process.stage_plan()]
         stage_rows = []
         event_rows = []
         for tx in txs:
-            for planned in plan:
-                policy = process.get_platform(planned.platform).retry
+            for planned, policy in plan:
                 stage_rows.append(
                     {
                         "uuid": tx["uuid"],
@@ -348,8 +357,8 @@ class Tracker:
                     "created_at": now,
                 }
             )
-        conn.execute(sa.insert(STAGE), stage_rows)
-        conn.execute(sa.insert(EVENT), event_rows)
+        conn.execute(_INSERT_STAGES, stage_rows)
+        conn.execute(_INSERT_EVENT, event_rows)
 
     # -- finding and claiming work ---------------------------------------------------------
 
@@ -559,8 +568,15 @@ class Tracker:
                     "the worker stopped before recording its attempt",
                 )
                 self._apply(
-                    conn, process, tx, stages, row, result, now,
-                    kind=EventKind.LEASE_EXPIRED, actor=row.lease_owner,
+                    conn,
+                    process,
+                    tx,
+                    stages,
+                    row,
+                    result,
+                    now,
+                    kind=EventKind.LEASE_EXPIRED,
+                    actor=row.lease_owner,
                 )
                 return 1
         return 0
@@ -586,17 +602,24 @@ class Tracker:
         overwrites an attempt that was taken over).
         """
         result = to_result(result)
-        process = self.process(self._process_of(uuid))
-        _, p, stage = self._platform_stage(process.code, platform, stage)
         now = self.clock()
         with self.engine.begin() as conn:
             stages, tx = self._lock(conn, uuid)
+            process, p, stage = self._platform_stage(tx.process_code, platform, stage)
             row = next(s for s in stages if s.platform == p.code and s.stage == stage)
             self._check_can_complete(row, owner, now)
             return self._apply(
-                conn, process, tx, stages, row, result, now,
-                kind=EventKind.ATTEMPT, actor=owner,
-                flow_run_id=flow_run_id, task_run_id=task_run_id,
+                conn,
+                process,
+                tx,
+                stages,
+                row,
+                result,
+                now,
+                kind=EventKind.ATTEMPT,
+                actor=owner,
+                flow_run_id=flow_run_id,
+                task_run_id=task_run_id,
             )
 
     @staticmethod
@@ -639,10 +662,10 @@ class Tracker:
     @staticmethod
     def _lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
         """Lock the transaction's stages, then the transaction (the global lock order)."""
-        stages = conn.execute(
-            sa.select(STAGE).where(STAGE.c.uuid == uuid).order_by(STAGE.c.seq).with_for_update()
-        ).all()
-        tx = conn.execute(sa.select(TX).where(TX.c.uuid == uuid).with_for_update()).one_or_none()
+        if not isinstance(uuid, str):
+            raise TransactionNotFound(f"transaction uuid must be a string, got {uuid!r}")
+        stages = conn.execute(_LOCK_STAGES, {"b_uuid": uuid}).all()
+        tx = conn.execute(_LOCK_TX, {"b_uuid": uuid}).one_or_none()
         if tx is None:
             raise TransactionNotFound(f"no transaction {uuid!r}")
         return stages, tx
@@ -683,24 +706,23 @@ class Tracker:
         if outcome == Outcome.SUCCESS:
             changes.update(state=StageState.COMPLETED, finished_at=now)
             if later and later[0].state == StageState.PENDING:
-                self._update_stage(conn, later[0].id, {"next_attempt_at": now, "updated_at": now})
+                conn.execute(
+                    _UPDATE_STAGE, {"b_id": later[0].id, "next_attempt_at": now, "updated_at": now}
+                )
             new_tx_state = TxState.IN_PROGRESS if later else TxState.COMPLETED
         elif outcome == Outcome.BUSINESS_ERROR:
             changes.update(state=StageState.REJECTED, finished_at=now)
             conn.execute(
-                sa.update(STAGE)
-                .where(
-                    STAGE.c.uuid == row.uuid,
-                    STAGE.c.id != row.id,
-                    STAGE.c.state.in_(list(OPEN_STAGE_STATES)),
-                )
-                .values(
-                    state=StageState.CANCELLED,
-                    next_attempt_at=None,
-                    updated_at=now,
-                    finished_at=now,
-                    error_description="cancelled: an earlier stage was rejected",
-                )
+                _CANCEL_OTHER_STAGES,
+                {
+                    "b_uuid": row.uuid,
+                    "b_id": row.id,
+                    "state": StageState.CANCELLED,
+                    "next_attempt_at": None,
+                    "updated_at": now,
+                    "finished_at": now,
+                    "error_description": "cancelled: an earlier stage was rejected",
+                },
             )
             new_tx_state = TxState.REJECTED
         else:
@@ -711,52 +733,46 @@ class Tracker:
             else:
                 policy = process.get_platform(row.platform).retry
                 delay = policy.delay_after(attempt, self.rng)
-                changes.update(state=StageState.TERMINATED,
-                               next_attempt_at=now + timedelta(seconds=delay))
+                changes.update(
+                    state=StageState.TERMINATED, next_attempt_at=now + timedelta(seconds=delay)
+                )
                 new_tx_state = TxState.TERMINATED
         # An operator's cancel stands even if a running attempt finishes afterwards.
         if tx_state == TxState.CANCELLED:
             new_tx_state = TxState.CANCELLED
             if changes["next_attempt_at"] is not None:
                 changes.update(state=StageState.CANCELLED, next_attempt_at=None, finished_at=now)
-        fence = {"state": from_state, "lease_owner": row.lease_owner}
-        self._update_stage(conn, row.id, changes, fence=fence)
+        # The rows are locked; the state condition only guards against a bypassed lock.
+        done = conn.execute(
+            _UPDATE_STAGE_FENCED, {"b_id": row.id, "b_state": from_state, **changes}
+        )
+        if done.rowcount != 1:
+            raise LeaseLost(f"{_label(row)} changed while its attempt was being recorded")
         self._set_tx_state(conn, tx, new_tx_state, now)
         conn.execute(
-            sa.insert(EVENT).values(
-                uuid=row.uuid,
-                process_code=row.process_code,
-                kind=kind,
-                platform=row.platform,
-                stage=row.stage,
-                attempt=attempt,
-                outcome=outcome,
-                error_code=result.error_code,
-                description=result.description,
-                traceback=result.traceback,
-                from_state=from_state.value,
-                to_state=StageState(changes["state"]).value,
-                tx_state=new_tx_state,
-                actor=actor,
-                flow_run_id=flow_run_id,
-                task_run_id=task_run_id,
-                started_at=started_at,
-                created_at=now,
-            )
+            _INSERT_EVENT,
+            {
+                "uuid": row.uuid,
+                "process_code": row.process_code,
+                "kind": kind,
+                "platform": row.platform,
+                "stage": row.stage,
+                "attempt": attempt,
+                "outcome": outcome,
+                "error_code": result.error_code,
+                "description": result.description,
+                "traceback": result.traceback,
+                "from_state": from_state.value,
+                "to_state": StageState(changes["state"]).value,
+                "tx_state": new_tx_state,
+                "actor": actor,
+                "flow_run_id": flow_run_id,
+                "task_run_id": task_run_id,
+                "started_at": started_at,
+                "created_at": now,
+            },
         )
-        return TxStage(**{**row._mapping, **changes})
-
-    @staticmethod
-    def _update_stage(
-        conn: Connection, stage_id: int, values: dict[str, Any], fence: dict[str, Any] | None = None
-    ) -> None:
-        stmt = sa.update(STAGE).where(STAGE.c.id == stage_id).values(**values)
-        for column, expected in (fence or {}).items():
-            col = STAGE.c[column]
-            stmt = stmt.where(col.is_(None) if expected is None else col == expected)
-        if conn.execute(stmt).rowcount != 1:
-            # Only reachable if the locks above were bypassed; never write a stale attempt.
-            raise LeaseLost(f"stage {stage_id} changed while it was being recorded")
+        return TxStage.model_construct(**{**row._mapping, **changes})
 
     @staticmethod
     def _set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
@@ -765,7 +781,7 @@ class Tracker:
             values["finished_at"] = now
         elif state not in FINAL_TX_STATES:
             values["finished_at"] = None
-        conn.execute(sa.update(TX).where(TX.c.uuid == tx.uuid).values(**values))
+        conn.execute(_UPDATE_TX, {"b_uuid": tx.uuid, **values})
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -786,8 +802,13 @@ class Tracker:
             conn.execute(
                 sa.update(STAGE)
                 .where(STAGE.c.uuid == uuid, STAGE.c.state.in_(list(OPEN_STAGE_STATES)))
-                .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=now,
-                        finished_at=now, error_description=f"cancelled: {reason}")
+                .values(
+                    state=StageState.CANCELLED,
+                    next_attempt_at=None,
+                    updated_at=now,
+                    finished_at=now,
+                    error_description=f"cancelled: {reason}",
+                )
             )
             self._set_tx_state(conn, tx, TxState.CANCELLED, now)
             self._operator_event(conn, tx, EventKind.CANCELLED, reason, actor, now)
@@ -820,18 +841,28 @@ class Tracker:
                     continue
                 policy = process.get_platform(s.platform).retry
                 allowed = None if policy.max_attempts is None else s.attempt + policy.max_attempts
-                self._update_stage(conn, s.id, {
-                    "state": StageState.PENDING, "attempts_allowed": allowed, "lease_owner": None,
-                    "next_attempt_at": now if first else None, "finished_at": None,
-                    "error_code": None, "error_type": None, "error_description": None,
-                    "updated_at": now,
-                })
+                conn.execute(
+                    _UPDATE_STAGE,
+                    {
+                        "b_id": s.id,
+                        "state": StageState.PENDING,
+                        "attempts_allowed": allowed,
+                        "lease_owner": None,
+                        "next_attempt_at": now if first else None,
+                        "finished_at": None,
+                        "error_code": None,
+                        "error_type": None,
+                        "error_description": None,
+                        "updated_at": now,
+                    },
+                )
                 first = False
             any_done = any(s.state == StageState.COMPLETED for s in stages)
             new_state = TxState.IN_PROGRESS if any_done else TxState.PENDING
             self._set_tx_state(conn, tx, new_state, now)
-            self._operator_event(conn, tx, EventKind.REQUEUED, reason or "requeued", actor, now,
-                                 to_state=new_state)
+            self._operator_event(
+                conn, tx, EventKind.REQUEUED, reason or "requeued", actor, now, to_state=new_state
+            )
         return self.get_transaction(uuid)
 
     @staticmethod
@@ -846,10 +877,15 @@ class Tracker:
     ) -> None:
         conn.execute(
             sa.insert(EVENT).values(
-                uuid=tx.uuid, process_code=tx.process_code, kind=kind, description=description,
+                uuid=tx.uuid,
+                process_code=tx.process_code,
+                kind=kind,
+                description=description,
                 from_state=TxState(tx.state).value,
                 to_state=(to_state or TxState.CANCELLED).value,
-                tx_state=to_state or TxState.CANCELLED, actor=actor, created_at=now,
+                tx_state=to_state or TxState.CANCELLED,
+                actor=actor,
+                created_at=now,
             )
         )
 
