@@ -994,3 +994,15 @@ def test_a_bad_payload_in_a_batch_fails_alone(tracker):
     assert first[1] is True and dup == (first[0], False)
     assert other[1] is True and other[0].source is None
     assert tx_count(tracker) == 2
+
+
+def test_process_of_a_process_this_api_does_not_know_is_409(make_client, engine, clock):
+    # Written by another deployment whose process this API does not import.
+    Tracker(engine, processes=[orders], clock=clock).start_or_resume("ORDERS", {"n": 1})
+    client = make_client()
+    (item,) = client.get("/transactions").json()["items"]
+    assert client.get(f"/transactions/{item['uuid']}").status_code == 200
+    r = client.post(f"/transactions/{item['uuid']}/process")
+    assert assert_error(r, 409, "PROCESS_NOT_REGISTERED")["error"]["details"] == {
+        "process": "ORDERS"
+    }

@@ -36,7 +36,7 @@ from tracking.db import read_only
 from tracking.models import FINAL_TX_STATES, StageState, TxProcess, TxStage, TxState
 from tracking.reports import Reports
 from tracking.settings import Settings
-from tracking.store import Tracker, TransactionNotFound
+from tracking.store import Tracker, TransactionNotFound, UnknownProcessError
 
 logger = logging.getLogger("tracking.api")
 
@@ -255,6 +255,15 @@ class ApiService:
 
     def run_inline(self, uuid: str, before: Runnability) -> ProcessResult:
         """Run the transaction's runnable stages through the resume flow (worker thread)."""
+        try:
+            self.tracker.process(before.process)
+        except UnknownProcessError:
+            raise ApiError(
+                409, "PROCESS_NOT_REGISTERED",
+                f"process {before.process!r} is not in this API's TRACKING_PROCESSES: "
+                "it cannot run here",
+                {"process": before.process},
+            ) from None
         try:
             summary = self.process_runner(before.process, uuid)
         except Exception as exc:
