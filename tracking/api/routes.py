@@ -1,7 +1,8 @@
 """The endpoints. Each one validates its input, calls ``ApiService`` and shapes the answer.
 
 Blocking database work runs in worker threads (plain ``def`` endpoints, or
-``run_in_threadpool``); ``POST /transactions`` goes through the intake batcher.
+``run_in_threadpool``); ``POST /transactions`` goes through the intake batcher (group
+commit), the reports through the coalescer (one query for identical concurrent requests).
 """
 
 from __future__ import annotations
