@@ -131,6 +131,8 @@ class TxProcess(SQLModel, table=True):
         sa.UniqueConstraint("process_code", "fingerprint", name="uq_tx_process_fingerprint"),
         sa.Index("ix_tx_process_process_state", "process_code", "state"),
         sa.Index("ix_tx_process_created_at", "created_at"),
+        # Covers the summary reports (index-only scans of a time window).
+        sa.Index("ix_tx_process_window", "created_at", "process_code", "state"),
     )
 
     uuid: str = Field(primary_key=True, max_length=36)
@@ -182,6 +184,11 @@ class TxStage(SQLModel, table=True):
             postgresql_where=sa.text("lease_expires_at IS NOT NULL"),
         ),
         sa.Index("ix_tx_stage_process_state", "process_code", "platform", "stage", "state"),
+        # Covers the stage reports (index-only scans of a time window).
+        sa.Index(
+            "ix_tx_stage_window",
+            "created_at", "process_code", "platform_order", "platform", "seq", "stage", "state",
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -201,6 +208,7 @@ class TxStage(SQLModel, table=True):
     error_code: int | None = None
     error_type: ErrorType | None = Field(default=None, sa_type=_enum(ErrorType))
     error_description: str | None = Field(default=None, sa_type=sa.Text)
+    # Always its transaction's created_at, so stage reports need no join.
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

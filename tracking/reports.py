@@ -202,16 +202,23 @@ class Reports:
         q = self._tx_window(q, start, end, process).order_by(TX.c.process_code, TX.c.state)
         return [ProcessStateCount(r.process_code, TxState(r.state), r.n) for r in self._rows(q)]
 
+    @staticmethod
+    def _stage_window(
+        query: sa.Select[Any], start: datetime, end: datetime, process: str | None
+    ) -> sa.Select[Any]:
+        # A stage's created_at is its transaction's: no join, an index-only scan.
+        _check_window(start, end)
+        query = query.where(STAGE.c.created_at >= start, STAGE.c.created_at < end)
+        return query.where(STAGE.c.process_code == process) if process else query
+
     def stage_summary_by_platform(
         self, start: datetime, end: datetime, process: str | None = None
     ) -> list[PlatformStateCount]:
         """Stages of transactions created in the window, counted by platform and state."""
-        q = (
-            sa.select(STAGE.c.platform, STAGE.c.state, sa.func.count().label("n"))
-            .select_from(STAGE.join(TX, TX.c.uuid == STAGE.c.uuid))
-            .group_by(STAGE.c.platform_order, STAGE.c.platform, STAGE.c.state)
+        q = sa.select(STAGE.c.platform, STAGE.c.state, sa.func.count().label("n")).group_by(
+            STAGE.c.platform_order, STAGE.c.platform, STAGE.c.state
         )
-        q = self._tx_window(q, start, end, process).order_by(
+        q = self._stage_window(q, start, end, process).order_by(
             STAGE.c.platform_order, STAGE.c.platform, STAGE.c.state
         )
         return [PlatformStateCount(r.platform, StageState(r.state), r.n) for r in self._rows(q)]
@@ -222,11 +229,10 @@ class Reports:
         """Stages of transactions created in the window, by platform, stage and state."""
         q = (
             sa.select(STAGE.c.platform, STAGE.c.stage, STAGE.c.state, sa.func.count().label("n"))
-            .select_from(STAGE.join(TX, TX.c.uuid == STAGE.c.uuid))
             .group_by(STAGE.c.platform_order, STAGE.c.platform, STAGE.c.seq, STAGE.c.stage,
                       STAGE.c.state)
         )
-        q = self._tx_window(q, start, end, process).order_by(
+        q = self._stage_window(q, start, end, process).order_by(
             STAGE.c.platform_order, STAGE.c.seq, STAGE.c.state
         )
         return [

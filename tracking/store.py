@@ -80,6 +80,17 @@ _CANCEL_OTHER_STAGES = sa.update(STAGE).where(
     STAGE.c.state.in_([StageState.PENDING, StageState.TERMINATED]),
 )
 _UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
+_TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
+               "state", "created_at", "updated_at")
+_INSERT_ONE_TRANSACTION = (
+    sa.text(
+        f"INSERT INTO tx_process ({', '.join(_TX_COLUMNS)}) "
+        f"VALUES ({', '.join(':' + c for c in _TX_COLUMNS)}) "
+        "ON CONFLICT (process_code, fingerprint) DO NOTHING RETURNING fingerprint"
+    )
+    .bindparams(*(sa.bindparam(c, type_=TX.c[c].type) for c in _TX_COLUMNS))
+    .columns(TX.c.fingerprint)
+)
 
 
 class TrackingError(Exception):
@@ -292,7 +303,11 @@ class Tracker:
                     "updated_at": now,
                 }
         with self.engine.begin() as conn:
-            inserted = conn.execute(self._insert_transactions, list(new_rows.values()))
+            rows = list(new_rows.values())
+            # SQLAlchemy never caches a compiled ON CONFLICT insert; for the one-item path
+            # (start_or_resume) the same SQL as text is compiled once and reused.
+            stmt = _INSERT_ONE_TRANSACTION if len(rows) == 1 else self._insert_transactions
+            inserted = conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
             created = {r.fingerprint for r in inserted}
             duplicates = [fp for fp in new_rows if fp not in created]
             existing = self._uuids_by_fingerprint(conn, process_code, duplicates)
