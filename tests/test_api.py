@@ -851,6 +851,14 @@ def test_reads_need_the_key_when_configured(make_client):
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_openapi_marks_the_operations_that_need_the_key(make_client):
+    spec = make_client(api_key="s3cret").get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["ApiKey"]["name"] == "X-API-Key"
+    assert spec["paths"]["/transactions"]["post"]["security"] == [{"ApiKey": []}]
+    assert "security" not in spec["paths"]["/transactions"]["get"]
+    assert "security" not in spec["paths"]["/health"]["get"]
+
+
 def test_openapi_lists_every_endpoint_and_the_process_codes(client):
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) == {

@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from tracking import __version__
 from tracking.api.errors import ApiError, install_handlers
 from tracking.api.logs import configure_logging
-from tracking.api.middleware import RequestMiddleware
+from tracking.api.middleware import OPEN_PATHS, RequestMiddleware
 from tracking.api.routes import router
 from tracking.api.service import ApiService, DeploymentRunner, ProcessRunner
 from tracking.catalog import load_processes
@@ -129,8 +129,15 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             }
             for i, p in enumerate(processes, 1)
         ]
-    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-    schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    settings: Settings | None = app.state.settings
+    if settings is not None and settings.api_key:
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                is_read = method in ("get", "head", "options")
+                if path not in OPEN_PATHS and (not is_read or settings.api_key_for_reads):
+                    operation["security"] = [{"ApiKey": []}]
     if service is not None:
         app.openapi_schema = schema
     return schema
