@@ -14,7 +14,8 @@ The script
    ``--summaries`` (default 1,000) ``GET /reports/summary`` (default window: the last 30 days,
    so every seeded row is counted) at the same concurrency, and again one at a time;
 4. prints requests/s, p50 and p99 latency per scenario and writes them as JSON to
-   ``bench/results/api-<sqlite|postgresql>.json``.
+   ``bench/results/api-<sqlite|postgresql>[-uvloop].json`` (``-uvloop`` when uvicorn found
+   httptools/uvloop, i.e. ``uvicorn[standard]`` is installed).
 
 Targets (issue #4): >= 1,000 creates/s and a summary p99 < 50 ms at 100k transactions.
 
@@ -459,6 +460,8 @@ def main() -> None:
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("-quick" if args.quick else "") + ("-httpx" if args.client == "httpx" else "")
+    if "httptools" in report["uvicorn"] or "uvloop" in report["uvicorn"]:
+        suffix += "-uvloop"
     out = RESULTS / f"api-{report['database']}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")

@@ -1014,3 +1014,13 @@ def test_process_of_a_process_this_api_does_not_know_is_409(make_client, engine,
     assert assert_error(r, 409, "PROCESS_NOT_REGISTERED")["error"]["details"] == {
         "process": "ORDERS"
     }
+
+
+def test_health_does_not_hang_on_a_database_that_does_not_answer(client, monkeypatch):
+    monkeypatch.setattr("prefect.settings.get_current_settings", lambda: _PrefectSettings(None))
+    monkeypatch.setattr("tracking.api.routes.DB_HEALTH_TIMEOUT", 0.2)
+    monkeypatch.setattr(client.app.state.service, "database_health", lambda: time.sleep(2))
+    started = time.monotonic()
+    body = assert_error(client.get("/health"), 503, "DATABASE_UNAVAILABLE")
+    assert time.monotonic() - started < 1.5
+    assert "no answer" in body["error"]["details"]["database"]["detail"]

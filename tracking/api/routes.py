@@ -12,6 +12,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -19,6 +21,7 @@ from pydantic import AwareDatetime
 
 from tracking.api.errors import ApiError, error_response, validation_error
 from tracking.api.schemas import (
+    ComponentHealth,
     ErrorEnvelope,
     ErrorReport,
     Health,
@@ -45,6 +48,7 @@ from tracking.models import TxState
 from tracking.reports import as_dicts, to_csv
 
 router = APIRouter()
+DB_HEALTH_TIMEOUT = 3.0
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -107,7 +111,11 @@ def _csv(text: str, name: str) -> Response:
 async def health(service: Service) -> Any:
     """`200` when the database answers (Prefect's status is reported, never fatal);
     `503 DATABASE_UNAVAILABLE` (envelope, with the health body in `details`) when it does not."""
-    database = await run_in_threadpool(service.database_health)
+    database = ComponentHealth(status="error", detail=f"no answer within {DB_HEALTH_TIMEOUT} s")
+    with anyio.move_on_after(DB_HEALTH_TIMEOUT):  # a black-holed database must not hang it
+        database = await anyio.to_thread.run_sync(
+            service.database_health, abandon_on_cancel=True
+        )
     prefect = await service.prefect_health()
     body = service.health(database, prefect)
     if database.status != "ok":
