@@ -1024,3 +1024,25 @@ def test_health_does_not_hang_on_a_database_that_does_not_answer(client, monkeyp
     body = assert_error(client.get("/health"), 503, "DATABASE_UNAVAILABLE")
     assert time.monotonic() - started < 1.5
     assert "no answer" in body["error"]["details"]["database"]["detail"]
+
+
+def test_several_batch_writers_keep_dedup_exact(tracker):
+    import asyncio
+
+    from tracking.api.intake import IntakeBatcher
+
+    batcher = IntakeBatcher(tracker, max_batch=4, writers=3)
+
+    async def scenario() -> list[tuple[Any, bool]]:
+        keys = [f"W-{i % 10}" for i in range(40)]  # each key submitted 4 times
+        return await asyncio.gather(
+            *(batcher.submit(P, {"request_id": key}, "x") for key in keys)
+        )
+
+    results = asyncio.run(scenario())
+    assert sum(is_new for _, is_new in results) == 10
+    by_key: dict[str, set[str]] = {}
+    for row, _ in results:
+        by_key.setdefault(row.business_key, set()).add(row.uuid)
+    assert len(by_key) == 10 and all(len(u) == 1 for u in by_key.values())
+    assert tx_count(tracker) == 10
