@@ -1046,3 +1046,12 @@ def test_several_batch_writers_keep_dedup_exact(tracker):
         by_key.setdefault(row.business_key, set()).add(row.uuid)
     assert len(by_key) == 10 and all(len(u) == 1 for u in by_key.values())
     assert tx_count(tracker) == 10
+
+
+def test_text_log_lines_cannot_be_split_by_the_client(client, api_logs):
+    client.get("/transactions/abc%0A2026-01-01T00:00:00Z INFO forged%1b[31m")
+    access = next(rec for rec in api_logs if rec.getMessage() == "request")
+    line = TextFormatter().format(access)
+    assert "\n" not in line and "\x1b" not in line
+    assert "abc\\n2026-01-01T00:00:00Z INFO forged\\x1b[31m" in line
+    assert json.loads(JsonFormatter().format(access))["path"].startswith("/transactions/abc\n")

@@ -112,8 +112,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters, so a client-sent path cannot forge or split log lines."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """``<ts> <LEVEL> <logger> request_id=<id> <message> key=value...``."""
+    """``<ts> <LEVEL> <logger> request_id=<id> <message> key=value...`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
@@ -123,6 +131,7 @@ class TextFormatter(logging.Formatter):
         )
         if extras:
             line = f"{line} {extras}"
+        line = _one_line(line)
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
         return line
