@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from tracking.settings import get_settings
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 _READ_ONLY = "tracking_read_only"
+_HOLDS_WRITER = "tracking_holds_writer"
 
 
 def normalise_url(url: str) -> str:
@@ -70,13 +72,32 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    # Writers of this process queue on a Python lock: SQLite's busy handler, which is left to
+    # arbitrate between processes, waits by sleeping (up to 100 ms a turn), so threads that
+    # contend through it lose far more time than the writes themselves take.
+    writer = threading.RLock()
+
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # A write transaction takes the write lock up front, so two writers never deadlock
         # upgrading a read lock; read-only work keeps WAL's concurrent readers.
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(_READ_ONLY, False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        writer.acquire()
+        conn.info[_HOLDS_WRITER] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release_writer(conn)
+            raise
 
+    def _release_writer(conn: Connection) -> None:
+        if conn.info.pop(_HOLDS_WRITER, False):
+            writer.release()
+
+    sa.event.listen(engine, "commit", _release_writer)
+    sa.event.listen(engine, "rollback", _release_writer)
     return engine
 
 
