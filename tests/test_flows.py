@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,12 +53,21 @@ def _by_behaviour(url: str) -> dict[str, object]:
     return {tx.payload["behaviour"]: tracker.get_transaction(tx.uuid) for tx in txs}
 
 
-def _task_runs(flow_run_id: str) -> dict[str, object]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {run.name: run for run in runs}
+def _task_runs(flow_run_id: str, *names: str) -> dict[str, object]:
+    """The flow run's task runs by name, once ``names`` are recorded in a final state
+    (Prefect records task run states through an asynchronous event pipeline)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        by_name = {run.name: run for run in runs}
+        ready = all(n in by_name and by_name[n].state and by_name[n].state.is_final()
+                    for n in names)
+        if ready or time.monotonic() > deadline:
+            return by_name
+        time.sleep(0.5)
 
 
 def _intake_all_behaviours() -> None:
@@ -92,7 +102,9 @@ def test_outcomes_inside_real_task_runs(env):
         assert "returned an invalid result" in stage.error_description
         assert "error code must be an int" in stage.error_description
 
-    runs = _task_runs(summary["flow_run_id"])
+    runs = _task_runs(
+        summary["flow_run_id"], "P.main ok", "P.main business", "P.main system", "Q.second ok"
+    )
     assert (runs["P.main ok"].state.name, runs["P.main ok"].state.type.value) == (
         "Completed", "COMPLETED")
     assert (runs["P.main business"].state.name, runs["P.main business"].state.type.value) == (
@@ -117,7 +129,7 @@ def test_in_run_retries_count_as_attempts_against_max_attempts(sqlite_env):
     tx = _by_behaviour(sqlite_env)["system"]
     assert [e.attempt for e in tx.events if e.kind == EventKind.ATTEMPT] == [1, 2, 3, 4, 5]
     assert tx.stages[0].state == StageState.EXHAUSTED and tx.state == TxState.EXHAUSTED
-    assert _task_runs(second["flow_run_id"])["P.main s"].state.name == "Exhausted"
+    assert _task_runs(second["flow_run_id"], "P.main s")["P.main s"].state.name == "Exhausted"
     assert resume_flow(process="OUTCOMES")["stages_run"] == 0
 
 
@@ -151,8 +163,9 @@ def test_batch_granularity_tracks_every_item(sqlite_env):
     assert txs["business"].state == TxState.REJECTED
     assert txs["system"].stages[0].attempt == 1  # no in-run retries in batch granularity
     assert summary["stages_run"] == len(BEHAVIOURS) + 4  # P for all, Q's two stages for 2
-    names = set(_task_runs(summary["flow_run_id"]))
-    assert {"P.main x4", "P.main x3", "Q.first x2", "Q.second x2"} <= names
+    expected = {"P.main x4", "P.main x3", "Q.first x2", "Q.second x2"}
+    names = set(_task_runs(summary["flow_run_id"], *expected))
+    assert expected <= names
     event = txs["ok"].events[1]
     assert event.flow_run_id == summary["flow_run_id"] and event.task_run_id
 
@@ -295,7 +308,7 @@ def test_a_timed_out_task_run_is_recorded_as_a_system_error(sqlite_env):
     assert (stage.state, stage.error_code, stage.attempt) == (StageState.TERMINATED, -1, 1)
     assert "without recording" in stage.error_description
     assert summary["by_platform"] == {"S": {"TERMINATED": 1}}
-    assert _task_runs(summary["flow_run_id"])["S.main 1"].state.name == "TimedOut"
+    assert _task_runs(summary["flow_run_id"], "S.main 1")["S.main 1"].state.name == "TimedOut"
 
 
 def test_prefect_deploy_accepts_prefect_yaml(tmp_path):

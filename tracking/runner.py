@@ -51,6 +51,7 @@ from tracking.store import Tracker, UnknownProcessError
 
 INTAKE_CHUNK = 1000
 REPORT_WINDOW = timedelta(days=7)
+PROGRESS_EVERY_SECONDS = 5.0
 Granularity = Literal["stage", "batch"]
 
 
@@ -322,6 +323,7 @@ def resume_flow(
             description=f"Resume {process}: starting",
         )
         claim = Claim(tracker, owner, lease)
+        next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
         with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
             for index, (platform, stage) in enumerate(steps):
                 while True:
@@ -343,10 +345,12 @@ def resume_flow(
                     _run_claimed(runner, platform, stage, contexts, granularity, batch_size)
                     for s in _settle(tracker, contexts):
                         tally.add(s)
-                    update_progress_artifact(
-                        progress, 100.0 * index / len(steps),
-                        description=f"{platform.code}.{stage}: {tally.stages_run} stages run",
-                    )
+                    if time.monotonic() >= next_progress:  # an API call: not every batch
+                        next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
+                        update_progress_artifact(
+                            progress, 100.0 * index / len(steps),
+                            description=f"{platform.code}.{stage}: {tally.stages_run} stages run",
+                        )
                 if stopped != "nothing left to run":
                     break
         update_progress_artifact(progress, 100.0, description=f"done: {stopped}")
@@ -368,7 +372,8 @@ def resume_flow(
 def _settle(tracker: Tracker, contexts: list[TxContext]) -> list[TxStage]:
     """The stages as recorded; a stage whose task run ended without recording its attempt
     (timeout, crash) gets a system error now, so nothing waits for its lease to expire."""
-    stages = tracker.get_stages([(tx.uuid, tx.platform, tx.stage) for tx in contexts])
+    first = contexts[0]
+    stages = tracker.get_stages([tx.uuid for tx in contexts], first.platform, first.stage)
     settled = []
     for tx, stage in zip(contexts, stages, strict=True):
         if stage.state == StageState.IN_PROGRESS and stage.lease_owner == tx.claim.owner:  # type: ignore[union-attr]

@@ -906,21 +906,22 @@ class Tracker:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def get_stages(self, keys: Sequence[tuple[str, str, str]]) -> list[TxStage]:
-        """The stages with these ``(uuid, platform, stage)`` keys, in the same order (one
-        query per 500 keys)."""
-        found: dict[tuple[str, str, str], TxStage] = {}
+    def get_stages(self, uuids: Sequence[str], platform: str, stage: str) -> list[TxStage]:
+        """One platform stage of each of these transactions, in the order of ``uuids`` (one
+        query per 500 uuids, on the unique index of uuid, platform and stage)."""
+        found: dict[str, TxStage] = {}
         with read_only(self.engine) as conn, Session(bind=conn) as session:
-            for i in range(0, len(keys), 500):
-                chunk = list(keys[i : i + 500])
+            for i in range(0, len(uuids), 500):
                 query = select(TxStage).where(
-                    sa.tuple_(TxStage.uuid, TxStage.platform, TxStage.stage).in_(chunk)
+                    TxStage.uuid.in_(list(uuids[i : i + 500])),  # type: ignore[attr-defined]
+                    TxStage.platform == platform,
+                    TxStage.stage == stage,
                 )
-                found.update({(s.uuid, s.platform, s.stage): s for s in session.exec(query)})
-        missing = [k for k in keys if k not in found]
+                found.update({s.uuid: s for s in session.exec(query)})
+        missing = [u for u in uuids if u not in found]
         if missing:
-            raise TransactionNotFound(f"no stage {missing[0]}")
-        return [found[k] for k in keys]
+            raise TransactionNotFound(f"no stage {platform}.{stage} of transaction {missing[0]}")
+        return [found[u] for u in uuids]
 
     def get_transaction(self, uuid: str) -> TxProcess:
         """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
