@@ -121,8 +121,9 @@ class Intake:
     is_new: bool
 
 
-def _insert(conn: Connection, table: sa.Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+def _insert(dialect: sa.Dialect, table: sa.Table) -> Any:
+    """An INSERT with the dialect's ON CONFLICT support (PostgreSQL or SQLite)."""
+    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _validate_payload(payload: Any) -> dict[str, Any]:
@@ -164,10 +165,9 @@ class Tracker:
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
-        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # ON CONFLICT DO NOTHING: a concurrent submission of the same item wins quietly.
         self._insert_transactions = (
-            insert(TX)
+            _insert(engine.dialect, TX)
             .on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
             .returning(TX.c.fingerprint)
         )
@@ -188,7 +188,7 @@ class Tracker:
         now = self.clock()
         dedup = process.dedup.describe()
         with self.engine.begin() as conn:
-            stmt = _insert(conn, CatalogProcess.__table__).values(
+            stmt = _insert(conn.dialect, CatalogProcess.__table__).values(
                 code=process.code,
                 description=process.description,
                 dedup_strategy=dedup["strategy"],
