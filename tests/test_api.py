@@ -266,6 +266,8 @@ def test_many_concurrent_creates_are_all_written(client, tracker):
     [
         ({"process": "NOPE", "payload": {"request_id": "x"}}, "unknown process"),
         ({"process": P, "payload": {"other": 1}}, "request_id"),  # dedup key missing
+        ({"process": P, "payload": {"request_id": ""}}, "request_id"),  # dedup key blank
+        ({"process": P, "payload": {"request_id": " \t"}}, "request_id"),
         ({"process": P, "payload": [1, 2]}, "payload"),
         ({"process": P, "payload": "text"}, "payload"),
         ({"process": P, "payload": None}, "payload"),
@@ -283,6 +285,21 @@ def test_invalid_submissions_are_422_and_change_nothing(client, tracker, body, f
     envelope = assert_error(r, 422, "VALIDATION_ERROR")
     assert fragment.lower() in json.dumps(envelope).lower()
     assert tx_count(tracker) == 0
+
+
+def test_blank_dedup_keys_fail_alone_in_a_concurrent_batch(client, tracker):
+    """Blank keys among concurrent submissions (written as one batch) are each a 422 that
+    names the field; the good ones are created; an int key is a key like any other."""
+    keys: list[Any] = ["FE-1", "", "FE-2", "   ", 3]
+    with ThreadPoolExecutor(len(keys)) as pool:
+        responses = list(pool.map(lambda k: submit(client, k), keys))
+    assert [r.status_code for r in responses] == [201, 422, 201, 422, 201]
+    for r in (responses[1], responses[3]):
+        error = assert_error(r, 422, "VALIDATION_ERROR")["error"]
+        assert "'request_id'" in error["message"] and "blank" in error["message"]
+        assert error["details"] == {"field": "payload"}
+    assert responses[4].json()["business_key"] == "3"
+    assert tx_count(tracker) == 3
 
 
 def test_deeply_nested_payload_is_422(client, tracker):

@@ -211,6 +211,25 @@ def test_intake_of_a_bad_file_changes_nothing(cli, tracker, tmp_path, content, n
     assert count_transactions(tracker) == 0
 
 
+def test_intake_of_blank_keys_is_bad_input(cli, tracker, tmp_path):
+    # The reported file: empty request_id cells for three different customers.
+    items = tmp_path / "blank.csv"
+    items.write_text("request_id,customer\n,C1\n,C2\n  ,C3\n")
+    result = cli("intake", P, items)
+    assert result.code == 2
+    assert "item 1:" in result.err and "'request_id'" in result.err and "blank" in result.err
+    assert count_transactions(tracker) == 0
+
+
+def test_intake_validates_the_whole_file_before_writing(cli, tracker, tmp_path):
+    keys = [f"R{i}" for i in range(1, 1201)]
+    keys[1149] = " "  # item 1150: in the third chunk of 500, after the first 1000 rows
+    result = cli("intake", P, write_csv(tmp_path / "late.csv", keys))
+    assert result.code == 2
+    assert "item 1150:" in result.err and "'request_id'" in result.err
+    assert count_transactions(tracker) == 0  # not even the earlier chunks
+
+
 def test_intake_unknown_process_or_missing_file(cli, tracker, tmp_path):
     items = write_csv(tmp_path / "items.csv", ["R1"])
     result = cli("intake", "NOPE", items)

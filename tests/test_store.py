@@ -291,6 +291,24 @@ def test_bad_input_is_rejected_and_changes_nothing(tracker, engine, call, error)
     assert tracker.get_transaction(uuid).stages[0].attempt == 0
 
 
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_blank_dedup_key_is_refused_and_changes_nothing(tracker, engine, blank):
+    before = _snapshot(engine)
+    with pytest.raises(ValueError, match="'request_id'.*must not be blank"):
+        tracker.start_or_resume(P, {"request_id": blank, "customer": "C1"})
+    with pytest.raises(ValueError, match=r"payload #2: .*'request_id'.*must not be blank"):
+        tracker.start_many(
+            P, [{"request_id": "R1"}, {"request_id": "R2"}, {"request_id": blank}]
+        )
+    assert _snapshot(engine) == before  # not even the good payloads of the batch
+
+
+def test_int_dedup_keys_stay_valid(tracker):
+    results = tracker.start_many(P, [{"request_id": 0}, {"request_id": 7}, {"request_id": 7}])
+    assert [r.is_new for r in results] == [True, True, False]
+    assert tracker.get_transaction(results[0].uuid).business_key == "0"
+
+
 def test_execution_result_rejects_non_int_codes():
     for bad in (True, False, 1.5, "1", None):
         with pytest.raises(TypeError, match="error code must be an int"):

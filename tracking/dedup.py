@@ -43,9 +43,19 @@ class DedupStrategy(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def _is_blank(value: Any) -> bool:
+    """True for a string that is empty or only whitespace (a key that identifies nothing)."""
+    return isinstance(value, str) and not value.strip()
+
+
 @dataclass(frozen=True, init=False)
 class KeyFields:
-    """Items are the same when these payload fields are equal (missing or null is an error)."""
+    """Items are the same when these payload fields are equal.
+
+    A field that is missing, null, or a blank string (empty or only whitespace) is an error:
+    blank keys would make every such item a duplicate of the first one. Non-string values
+    (ints...) are fine.
+    """
 
     fields: tuple[str, ...]
     name = "key_fields"
@@ -63,6 +73,13 @@ class KeyFields:
         if missing:
             raise ValueError(
                 f"payload lacks dedup key field(s) {', '.join(map(repr, missing))}"
+            )
+        blank = [f for f in self.fields if _is_blank(payload[f])]
+        if blank:
+            raise ValueError(
+                "dedup key field(s) "
+                + ", ".join(f"{f!r} (value {payload[f]!r})" for f in blank)
+                + " must not be blank"
             )
         return [payload[f] for f in self.fields]
 
@@ -94,7 +111,9 @@ class PayloadHash:
 
 @dataclass(frozen=True)
 class Custom:
-    """Items are the same when ``key(payload)`` returns the same non-empty string.
+    """Items are the same when ``key(payload)`` returns the same non-blank string.
+
+    An empty or whitespace-only key is an error (it would merge unrelated items).
 
     Example:
         Custom(lambda p: f"{p['customer']}:{p['date']}")
@@ -105,8 +124,11 @@ class Custom:
 
     def _key(self, payload: Mapping[str, Any]) -> str:
         key = self.key(payload)
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"custom dedup key must be a non-empty string, got {key!r}")
+        if not isinstance(key, str) or _is_blank(key):
+            raise ValueError(
+                f"custom dedup key must be a non-blank string (not empty or only "
+                f"whitespace), got {key!r}"
+            )
         return key
 
     def fingerprint(self, payload: Mapping[str, Any]) -> str:
