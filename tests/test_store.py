@@ -364,6 +364,8 @@ def test_events_are_append_only(tracker, engine):
 def test_event_records_attempt_details(tracker, clock):
     uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
     tracker.claim(P, "A", owner="run-7")
+    clock.advance(5)  # reserved, not started: the wait is not part of the attempt
+    assert tracker.start_attempt(uuid, "A", "validate", owner="run-7") == 1
     clock.advance(2)
     tracker.complete_stage(uuid, "A", ExecutionResult(-1, "boom", "Traceback..."), owner="run-7",
                            flow_run_id="f-1", task_run_id="t-1")
@@ -410,9 +412,20 @@ def test_requeue_gives_exhausted_stage_fresh_attempts(tracker):
         tracker.cancel(uuid, reason=" ")
 
 
+def test_cancel_of_a_reserved_stage_stops_it_before_its_attempt(tracker):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.claim(P, "A", owner="w1")
+    tracker.cancel(uuid, reason="customer called")
+    with pytest.raises(LeaseLost):  # the run must not call the platform any more
+        tracker.start_attempt(uuid, "A", "validate", owner="w1")
+    (stage, *_) = tracker.get_transaction(uuid).stages
+    assert (stage.state, stage.attempt) == (StageState.CANCELLED, 0)
+
+
 def test_cancel_while_running_keeps_the_attempt_but_runs_nothing_after(tracker):
     uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
     tracker.claim(P, "A", owner="w1")
+    tracker.start_attempt(uuid, "A", "validate", owner="w1")
     tracker.cancel(uuid, reason="customer called")
     stage = tracker.complete_stage(uuid, "A", 0, owner="w1")
     assert stage.state == StageState.COMPLETED

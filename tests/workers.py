@@ -34,10 +34,13 @@ def claim_until_empty(url: str, owner: str, barrier, results) -> None:
     results.put(claimed)
 
 
-def claim_then_die(url: str, ready) -> None:
-    """Claim every runnable A stage with a short lease, then get killed before completing."""
+def claim_then_die(url: str, ready, start: int = 0) -> None:
+    """Claim every runnable A stage with a short lease, start the attempts of ``start`` of
+    them, then get killed before completing any."""
     tracker = _tracker(url)
-    tracker.claim("CANCELLATION", "A", owner="doomed", limit=100, lease_seconds=1)
+    stages = tracker.claim("CANCELLATION", "A", owner="doomed", limit=100, lease_seconds=1)
+    for s in stages[:start]:
+        tracker.start_attempt(s.uuid, "A", "validate", owner="doomed", lease_seconds=1)
     ready.set()
     time.sleep(60)  # the parent sends SIGKILL long before this ends
     os.kill(os.getpid(), signal.SIGKILL)

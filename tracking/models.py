@@ -79,6 +79,8 @@ class EventKind(enum.StrEnum):
     CREATED = "CREATED"
     ATTEMPT = "ATTEMPT"
     LEASE_EXPIRED = "LEASE_EXPIRED"
+    # A reserved stage went back to runnable before its attempt started (attempts intact).
+    RELEASED = "RELEASED"
     CANCELLED = "CANCELLED"
     REQUEUED = "REQUEUED"
 
@@ -204,6 +206,8 @@ class TxStage(SQLModel, table=True):
     next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # When the current (or last) attempt started. NULL while a stage is IN_PROGRESS means
+    # reserved by ``lease_owner`` but not started: no attempt is counted yet.
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     error_code: int | None = None
     error_type: ErrorType | None = Field(default=None, sa_type=_enum(ErrorType))

@@ -9,8 +9,19 @@ Example:
 
 Each public method is one database transaction: the audit event and the transition it
 records commit together or not at all. Several workers may share a database: ``claim``
-hands each runnable stage to one worker only (PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite
-``BEGIN IMMEDIATE``), and completions are fenced by the claim's owner.
+reserves each runnable stage for one worker only (PostgreSQL ``FOR UPDATE SKIP LOCKED``,
+SQLite ``BEGIN IMMEDIATE``), and starts and completions are fenced by the claim's owner.
+
+An attempt counts when it starts, not when it is reserved::
+
+    claim       PENDING|TERMINATED -> IN_PROGRESS, started_at NULL (reserved, attempt unchanged)
+    start       reserved -> started: attempt + 1, lease = now + lease_seconds (a stuck call
+                loses it then)
+    complete    started (or reserved: the start is implied) -> the outcome's state
+    renew       a live run keeps its reservations' leases from expiring (``renew_reservations``)
+    release     reserved -> back to runnable with its attempts intact (a RELEASED event)
+    recover     an expired reservation is released; an expired started attempt is lost
+                (a LEASE_EXPIRED system error)
 
 Locks are always taken stage rows first, then the transaction row, so concurrent workers
 and operators cannot deadlock.
@@ -18,6 +29,7 @@ and operators cannot deadlock.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid as uuid_lib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,6 +92,28 @@ _CANCEL_OTHER_STAGES = sa.update(STAGE).where(
     STAGE.c.state.in_([StageState.PENDING, StageState.TERMINATED]),
 )
 _UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
+# A stage IN_PROGRESS is either reserved (no attempt started yet) or running an attempt.
+_RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
+_START_ATTEMPT = (
+    sa.update(STAGE)
+    .where(
+        STAGE.c.uuid == sa.bindparam("b_uuid"),
+        STAGE.c.platform == sa.bindparam("b_platform"),
+        STAGE.c.stage == sa.bindparam("b_stage"),
+        STAGE.c.lease_owner == sa.bindparam("b_owner"),
+        _RESERVED,
+    )
+    .values(
+        attempt=STAGE.c.attempt + 1,
+        started_at=sa.bindparam("b_now"),
+        lease_expires_at=sa.bindparam("b_expires"),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(STAGE.c.attempt)
+)
+_TX_STARTED = sa.update(TX).where(
+    TX.c.uuid == sa.bindparam("b_uuid"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED])
+)
 _TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
                "state", "created_at", "updated_at")
 _INSERT_ONE_TRANSACTION = (
@@ -431,11 +465,13 @@ class Tracker:
         lease_seconds: float = 1800,
         uuid: str | None = None,
     ) -> list[TxStage]:
-        """Reserve up to ``limit`` runnable stages for ``owner`` and start an attempt on each.
+        """Reserve up to ``limit`` runnable stages for ``owner``.
 
-        The claimed stages are IN_PROGRESS, their attempt counter already incremented, and
-        their ``transaction`` (payload, business key) loaded. No other worker can claim them
-        until ``lease_seconds`` pass; then the attempt counts as lost (a system error).
+        The claimed stages are IN_PROGRESS (reserved), their ``transaction`` (payload,
+        business key) loaded; their attempt counter is unchanged until ``start_attempt``
+        (or ``complete_stage``) says the attempt began. No other worker can claim them until
+        ``lease_seconds`` pass; a run that holds them longer calls ``renew_reservations``.
+        An expired reservation goes back to runnable with its attempts intact.
 
         An owner stands for one run: it is never handed a stage whose last attempt it made
         itself, so a failing stage is retried by a later run (or by an in-run retry through
@@ -444,8 +480,7 @@ class Tracker:
         _, p, stage = self._platform_stage(process_code, platform, stage)
         limit = _check_limit(limit)
         owner = _check_owner(owner)
-        if lease_seconds <= 0:
-            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        lease_seconds = _check_seconds(lease_seconds)
         # Stages of dead workers first: their lost attempt is recorded and they become
         # runnable again (one indexed query when there are none).
         self.recover_expired_leases(process_code, p.code)
@@ -474,6 +509,7 @@ class Tracker:
         process = self.process(self._process_of(uuid))
         _, p, stage = self._platform_stage(process.code, platform, stage)
         owner = _check_owner(owner)
+        lease_seconds = _check_seconds(lease_seconds)
         candidate = sa.select(STAGE.c.id).where(
             STAGE.c.uuid == uuid,
             STAGE.c.platform == p.code,
@@ -495,11 +531,10 @@ class Tracker:
             .where(STAGE.c.state.in_(list(OPEN_STAGE_STATES)))
             .values(
                 state=StageState.IN_PROGRESS,
-                attempt=STAGE.c.attempt + 1,
                 next_attempt_at=None,
                 lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
-                started_at=now,
+                started_at=None,
                 updated_at=now,
             )
             .returning(*STAGE.c)
@@ -509,14 +544,9 @@ class Tracker:
             if not rows:
                 return []
             uuids = [r.uuid for r in rows]
-            conn.execute(
-                sa.update(TX)
-                .where(TX.c.uuid.in_(uuids), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]))
-                .values(state=TxState.IN_PROGRESS, updated_at=now)
-            )
             txs = {r.uuid: r for r in conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids)))}
         stages = []
-        for row in sorted(rows, key=lambda r: (r.next_attempt_at is None, r.id)):
+        for row in sorted(rows, key=lambda r: r.id):
             s = TxStage(**row._mapping)
             s.transaction = TxProcess(**txs[row.uuid]._mapping)
             stages.append(s)
@@ -546,28 +576,154 @@ class Tracker:
             )
         return expires
 
+    def start_attempt(
+        self,
+        uuid: str,
+        platform: str,
+        stage: str,
+        *,
+        owner: str,
+        lease_seconds: float = 1800,
+    ) -> int:
+        """Start the attempt of a stage ``owner`` has reserved; returns the attempt number.
+
+        Call it right before the platform is called: the attempt counts from now, and the
+        lease now runs ``lease_seconds`` from now and is not renewed (a call stuck past it
+        loses the stage). Raises ``LeaseLost`` when the reservation is gone (it expired and was
+        released or taken over, or an operator cancelled the transaction): then do not call
+        the platform.
+        """
+        owner = _check_owner(owner)
+        lease_seconds = _check_seconds(lease_seconds)
+        now = self.clock()
+        params = {
+            "b_uuid": uuid, "b_platform": platform, "b_stage": stage, "b_owner": owner,
+            "b_now": now, "b_expires": now + timedelta(seconds=lease_seconds),
+        }
+        with self.engine.begin() as conn:
+            attempt = conn.execute(_START_ATTEMPT, params).scalar_one_or_none()
+            if attempt is not None:
+                conn.execute(
+                    _TX_STARTED,
+                    {"b_uuid": uuid, "state": TxState.IN_PROGRESS, "updated_at": now},
+                )
+                return int(attempt)
+        raise LeaseLost(self._why_not_reserved(uuid, platform, stage, owner))
+
+    def _why_not_reserved(self, uuid: str, platform: str, stage: str, owner: str) -> str:
+        where = f"stage {platform}.{stage} of transaction {uuid}"
+        with read_only(self.engine) as conn:
+            row = conn.execute(
+                sa.select(STAGE.c.state, STAGE.c.lease_owner, STAGE.c.started_at).where(
+                    STAGE.c.uuid == uuid, STAGE.c.platform == platform, STAGE.c.stage == stage
+                )
+            ).one_or_none()
+        if row is None:
+            return f"no {where}"
+        if row.state == StageState.IN_PROGRESS and row.lease_owner == owner:
+            return f"{where}: its attempt already started"
+        return (
+            f"{where} is no longer reserved by {owner!r} "
+            f"(state {StageState(row.state).value}, owner {row.lease_owner!r})"
+        )
+
+    def renew_reservations(self, process_code: str, *, owner: str, seconds: float) -> int:
+        """Keep the reservations of a live run from expiring: each not-yet-started stage that
+        ``owner`` holds is reserved for ``seconds`` from now (one statement). Started
+        attempts keep their own lease. Returns how many were renewed."""
+        owner = _check_owner(owner)
+        now = self.clock()
+        expires = now + timedelta(seconds=_check_seconds(seconds))
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(STAGE)
+                .where(
+                    STAGE.c.process_code == process_code,
+                    STAGE.c.lease_expires_at.is_not(None),
+                    STAGE.c.lease_owner == owner,
+                    _RESERVED,
+                )
+                .values(lease_expires_at=expires)
+            ).rowcount
+
+    def release(
+        self,
+        process_code: str,
+        *,
+        owner: str,
+        uuids: Sequence[str] | None = None,
+        reason: str = "the run stopped before starting it",
+    ) -> int:
+        """Give back what ``owner`` reserved but has not started (all of it, or only the
+        stages of these transactions): runnable again now, attempts intact, a RELEASED event
+        each. Started attempts are left alone. Returns how many stages were released."""
+        owner = _check_owner(owner)
+        where = [
+            STAGE.c.process_code == process_code,
+            STAGE.c.lease_expires_at.is_not(None),
+            STAGE.c.lease_owner == owner,
+        ]
+        if uuids is None:
+            return self._release_where(where, f"released by {owner}: {reason}")
+        released = 0
+        for i in range(0, len(uuids), 500):
+            chunk = [*where, STAGE.c.uuid.in_(list(uuids[i : i + 500]))]
+            released += self._release_where(chunk, f"released by {owner}: {reason}")
+        return released
+
+    def _release_where(self, where: list[Any], description: str) -> int:
+        """Reserved stages matching ``where`` back to runnable, with their RELEASED events."""
+        now = self.clock()
+        released = (
+            sa.update(STAGE)
+            .where(*where, _RESERVED)
+            .values(
+                # TERMINATED when the last attempt left a system error, else never tried.
+                state=sa.case(
+                    (STAGE.c.error_code.is_(None), StageState.PENDING.value),
+                    else_=StageState.TERMINATED.value,
+                ),
+                next_attempt_at=now,
+                # lease_owner stays: the releasing run is not handed the stage again.
+                lease_expires_at=None,
+                updated_at=now,
+            )
+            .returning(STAGE.c.id)
+        )
+        with self.engine.begin() as conn:
+            ids = conn.execute(released).scalars().all()
+            for i in range(0, len(ids), 500):
+                conn.execute(_released_events(ids[i : i + 500], description, now))
+        return len(ids)
+
     def recover_expired_leases(
         self, process_code: str, platform: str | None = None, *, limit: int = 1000
     ) -> int:
-        """Count the attempts of dead workers as lost and make their stages runnable again.
+        """Make the stages of dead workers runnable again.
 
-        Each recovered stage gets a LEASE_EXPIRED event (a system error, code -1) and goes to
-        TERMINATED (due per the retry policy) or EXHAUSTED. Returns how many were recovered.
+        An expired reservation (never started) is released with its attempts intact (a
+        RELEASED event). An expired started attempt counts as lost: a LEASE_EXPIRED event (a
+        system error, code -1), then TERMINATED (due per the retry policy) or EXHAUSTED.
+        Returns how many stages were recovered.
         """
         process = self.process(process_code)
         codes = [process.get_platform(platform).code] if platform else None
         now = self.clock()
-        query = sa.select(STAGE.c.uuid).where(
+        expired = [
             STAGE.c.process_code == process_code,
             STAGE.c.lease_expires_at.is_not(None),
             STAGE.c.lease_expires_at <= now,
-        )
+        ]
         if codes:
-            query = query.where(STAGE.c.platform.in_(codes))
+            expired.append(STAGE.c.platform.in_(codes))
+        released = self._release_where(
+            expired, "reservation expired before the attempt started (its run stopped)"
+        )
+        query = sa.select(STAGE.c.uuid).where(*expired)
         with read_only(self.engine) as conn:
-            expired = conn.execute(query.limit(_check_limit(limit, 100_000))).scalars().all()
-        recovered = 0
-        for uuid in expired:
+            lost = conn.execute(query.limit(_check_limit(limit, 100_000))).scalars().all()
+        recovered = released
+        for uuid in lost:
             with self.engine.begin() as conn:
                 recovered += self._recover_one(conn, process, uuid, now)
         return recovered
@@ -576,7 +732,8 @@ class Tracker:
         stages, tx = self._lock(conn, uuid)
         for row in stages:
             lease = row.lease_expires_at
-            if row.state == StageState.IN_PROGRESS and lease is not None and lease <= now:
+            started = row.started_at is not None
+            if row.state == StageState.IN_PROGRESS and started and lease and lease <= now:
                 result = ExecutionResult(
                     -1,
                     f"lease of {row.lease_owner!r} expired at {lease.isoformat()}: "
@@ -702,8 +859,10 @@ class Tracker:
     ) -> TxStage:
         """Write one attempt's outcome: the stage, its neighbours, the transaction, the event."""
         from_state = StageState(row.state)
-        attempt = row.attempt if from_state == StageState.IN_PROGRESS else row.attempt + 1
-        started_at = row.started_at if from_state == StageState.IN_PROGRESS else now
+        # A reserved stage completed without start_attempt: its attempt starts (counts) now.
+        started = from_state == StageState.IN_PROGRESS and row.started_at is not None
+        attempt = row.attempt if started else row.attempt + 1
+        started_at = row.started_at if started else now
         outcome = result.outcome
         tx_state = TxState(tx.state)
         later = [s for s in stages if s.seq > row.seq]
@@ -804,7 +963,7 @@ class Tracker:
         """Cancel a transaction that is not final: its open stages become CANCELLED.
 
         A stage that is running right now finishes its attempt (it is recorded), but nothing
-        runs after it.
+        runs after it; a stage reserved but not started is cancelled (its run skips it).
         """
         if not isinstance(reason, str) or not reason.strip():
             raise ValueError("cancel needs a reason")
@@ -816,7 +975,10 @@ class Tracker:
                 raise InvalidTransition(f"transaction {uuid} is already {TxState(tx.state).value}")
             conn.execute(
                 sa.update(STAGE)
-                .where(STAGE.c.uuid == uuid, STAGE.c.state.in_(list(OPEN_STAGE_STATES)))
+                .where(
+                    STAGE.c.uuid == uuid,
+                    sa.or_(STAGE.c.state.in_(list(OPEN_STAGE_STATES)), _RESERVED),
+                )
                 .values(
                     state=StageState.CANCELLED,
                     next_attempt_at=None,
@@ -848,7 +1010,7 @@ class Tracker:
                     f"transaction {uuid} is {state.value}: only stopped transactions "
                     "(EXHAUSTED, TERMINATED, REJECTED, CANCELLED) can be requeued"
                 )
-            if any(s.state == StageState.IN_PROGRESS for s in stages):
+            if any(s.state == StageState.IN_PROGRESS and s.started_at for s in stages):
                 raise InvalidTransition(f"transaction {uuid} has a stage running right now")
             first = True
             for s in stages:
@@ -863,6 +1025,7 @@ class Tracker:
                         "state": StageState.PENDING,
                         "attempts_allowed": allowed,
                         "lease_owner": None,
+                        "lease_expires_at": None,
                         "next_attempt_at": now if first else None,
                         "finished_at": None,
                         "error_code": None,
@@ -937,10 +1100,38 @@ class Tracker:
             return tx
 
 
+def _released_events(ids: Sequence[int], description: str, now: datetime) -> sa.Insert:
+    """The RELEASED events of these just-released stages (one INSERT ... SELECT)."""
+    source = (
+        sa.select(
+            STAGE.c.uuid, STAGE.c.process_code, sa.literal(EventKind.RELEASED.value),
+            STAGE.c.platform, STAGE.c.stage, STAGE.c.attempt, sa.literal(description),
+            sa.literal(StageState.IN_PROGRESS.value), STAGE.c.state, TX.c.state,
+            STAGE.c.lease_owner, sa.literal(now, type_=EVENT.c.created_at.type),
+        )
+        .join(TX, TX.c.uuid == STAGE.c.uuid)
+        .where(STAGE.c.id.in_(list(ids)))
+    )
+    columns = ["uuid", "process_code", "kind", "platform", "stage", "attempt", "description",
+               "from_state", "to_state", "tx_state", "actor", "created_at"]
+    return sa.insert(EVENT).from_select(columns, source)
+
+
 def _check_limit(limit: Any, maximum: int = 10_000) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
         raise ValueError(f"limit must be an int from 1 to {maximum}, got {limit!r}")
     return limit
+
+
+def _check_seconds(seconds: Any, name: str = "lease_seconds") -> float:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise ValueError(f"{name} must be a number of seconds > 0, got {seconds!r}")
+    return float(seconds)
 
 
 def _check_owner(owner: Any) -> str:
