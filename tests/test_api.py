@@ -527,19 +527,23 @@ def test_process_is_409_while_a_retry_is_not_due_or_a_stage_runs(
     )["error"]["details"]
     assert details["reason"] == "not_due" and details["next_attempt_at"]
 
-    clock.advance(61)  # the retry is due: claimed by another worker
+    clock.advance(61)  # the retry is due: claimed and started by another worker
     (stage,) = tracker.claim("ORDERS", "ERP", owner="other-worker", uuid=uuid)
+    tracker.start_attempt(uuid, "ERP", "main", owner="other-worker", lease_seconds=600)
     details = assert_error(
         client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED"
     )["error"]["details"]
     assert details["reason"] == "running"
 
-    clock.advance(3600)  # that worker died: its lease expired, the claim recovers it
-    r = client.post(f"/transactions/{uuid}/process")
-    assert r.status_code == 200, r.text
-    erp = r.json()["stages"][0]
+    clock.advance(3600)  # that worker died mid-attempt: its lease expired, the claim recovers it
+    details = assert_error(
+        client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED"
+    )["error"]["details"]
+    assert details["reason"] == "not_due"  # it ran nothing: the lost attempt's retry waits
+    tx = client.get(f"/transactions/{uuid}").json()
+    erp = tx["stages"][0]
     assert (erp["state"], erp["attempt"]) == ("TERMINATED", 2)  # the lost attempt counts
-    assert r.json()["events"][-1]["kind"] == "LEASE_EXPIRED"
+    assert tx["events"][-1]["kind"] == "LEASE_EXPIRED"
     clock.advance(61)
     erp = client.post(f"/transactions/{uuid}/process").json()["stages"][0]
     assert (erp["state"], erp["attempt"]) == ("EXHAUSTED", 3)  # max_attempts=3
@@ -547,6 +551,8 @@ def test_process_is_409_while_a_retry_is_not_due_or_a_stage_runs(
 
 
 def test_concurrent_process_calls_never_run_an_attempt_twice(make_client, tracker):
+    """8 calls at once: each 200 ran at least one stage; a call that ran nothing because
+    another one held the stages is a 409 saying so (running, or final once it is done)."""
     client = make_client(runner=fake_runner(tracker, delay=0.05))
     uuid = submit(client).json()["uuid"]
     barrier = threading.Barrier(8)
@@ -557,17 +563,46 @@ def test_concurrent_process_calls_never_run_an_attempt_twice(make_client, tracke
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(call, range(8)))
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 409} and 200 in statuses
-    ran = sum(r.json()["stages_run"] for r in responses if r.status_code == 200)
-    assert ran == 4  # every stage ran exactly once across all calls
+    ok = [r for r in responses if r.status_code == 200]
+    assert ok, [r.text for r in responses]
+    for r in ok:
+        assert r.json()["stages_run"] >= 1, r.text  # a 200 means this call ran something
+    for r in responses:
+        if r.status_code != 200:
+            details = assert_error(r, 409, "ALREADY_PROCESSED")["error"]["details"]
+            assert details["reason"] in ("running", "final"), details
+    assert sum(r.json()["stages_run"] for r in ok) == 4  # every stage ran exactly once
     tx = tracker.get_transaction(uuid)
     assert tx.state == TxState.COMPLETED
     assert [s.attempt for s in tx.stages] == [1, 1, 1, 1]
     assert sum(e.kind == EventKind.ATTEMPT for e in tx.events) == 4
-    for r in responses:
-        if r.status_code == 409:
-            assert r.json()["error"]["code"] == "ALREADY_PROCESSED"
+
+
+def test_process_call_that_runs_nothing_is_409(make_client, tracker, api_logs):
+    """Runnable when checked, but by the time this call's flow claims, another run holds the
+    stage (reason running) or has finished the transaction (reason final)."""
+
+    def other_run_holds_it(process: str, uuid: str) -> dict[str, Any]:
+        tracker.claim(process, "A", owner="other-run", uuid=uuid)
+        return {"stages_run": 0, "flow_run_id": "this-run"}
+
+    def other_run_finished_it(process: str, uuid: str) -> dict[str, Any]:
+        fake_runner(tracker)(process, uuid)
+        return {"stages_run": 0, "flow_run_id": "this-run"}
+
+    client = make_client(runner=other_run_holds_it)
+    uuid = submit(client, "FE-HELD").json()["uuid"]
+    body = assert_error(client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED")
+    assert body["error"]["details"]["reason"] == "running"
+
+    client = make_client(runner=other_run_finished_it)
+    uuid = submit(client, "FE-DONE").json()["uuid"]
+    body = assert_error(client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED")
+    assert body["error"]["details"]["reason"] == "final"
+    assert body["error"]["details"]["state"] == "COMPLETED"
+    # The transition belongs to the run that made it, not to this call.
+    assert not [r for r in api_logs if r.getMessage() == "transition" and r.uuid == uuid
+                and r.action == "process"]
 
 
 def test_process_runner_failure_is_500_without_internals(make_client, tracker):
@@ -913,6 +948,11 @@ def test_process_through_the_real_resume_flow(prefect_harness, monkeypatch, sqli
             )
         statuses = [r.status_code for r in responses]
         assert 200 in statuses and set(statuses) <= {200, 409}, [r.text for r in responses]
+        for r in responses:  # a 200 ran something; the others say who did
+            if r.status_code == 200:
+                assert r.json()["stages_run"] >= 1, r.text
+            else:
+                assert r.json()["error"]["details"]["reason"] in ("running", "final"), r.text
         done = next(r.json() for r in responses if r.status_code == 200)
         assert done["flow_run_id"]
         final = client.get(f"/transactions/{uuid}").json()

@@ -216,7 +216,9 @@ async def process_transaction(uuid: Uuid, service: Service) -> Any:
     """Inline mode: runs the resume flow scoped to this transaction and returns its new state
     (`200`). Deployment mode (`TRACKING_API_PROCESS_MODE=deployment`): creates a flow run of
     the process's deployment and returns `202` with its id. `409 ALREADY_PROCESSED` when
-    nothing can run (final state, a stage running, or the next attempt not due yet)."""
+    nothing can run (final state, a stage running, or the next attempt not due yet), also
+    when this call's run found the stages taken by a concurrent call (`running`, or `final`
+    once that call finished): a `200` always ran at least one stage."""
     before = await run_in_threadpool(service.check_runnable, uuid)
     if service.settings.api_process_mode == "deployment":
         queued = await run_in_threadpool(service.run_on_deployment, uuid, before)

@@ -267,7 +267,10 @@ class ProcessResult(TransactionDetail):
     """The transaction after ``POST /transactions/{uuid}/process`` ran it inline."""
 
     previous_state: TxState
-    stages_run: int | None = Field(None, description="Stages the resume flow ran.")
+    stages_run: int | None = Field(
+        None, description="Stages this call's resume flow ran: at least 1 (a call that ran "
+        "none is a 409 ALREADY_PROCESSED); null if the runner does not report it."
+    )
     flow_run_id: str | None = Field(None, description="The Prefect flow run that ran them.")
 
 

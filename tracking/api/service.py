@@ -96,6 +96,31 @@ class Runnability:
     next_attempt_at: datetime | None
 
 
+def already_processed(r: Runnability, *, held_elsewhere: bool = False) -> ApiError:
+    """409 ``ALREADY_PROCESSED`` saying why nothing ran; ``details.reason`` is one of:
+
+    ``final`` (nothing left to run), ``running`` (a stage is claimed right now, or, with
+    ``held_elsewhere``, this call's run found the stages taken by another call that may be
+    between two stages) or ``not_due`` (the next attempt is later).
+    """
+    if r.state in FINAL_TX_STATES:
+        reason, message = "final", f"transaction is {r.state.value}: nothing left to run"
+    elif held_elsewhere and (r.running or r.runnable):
+        reason = "running"
+        message = "another call or run is processing this transaction: this call ran nothing"
+    elif r.running:
+        reason, message = "running", "a stage of this transaction is running right now"
+    else:
+        reason = "not_due"
+        message = "no stage is due yet" + (
+            f" (next attempt at {r.next_attempt_at.isoformat()})" if r.next_attempt_at else ""
+        )
+    return ApiError(
+        409, "ALREADY_PROCESSED", message,
+        {"state": r.state.value, "reason": reason, "next_attempt_at": r.next_attempt_at},
+    )
+
+
 class ApiService:
     """The API's operations. Blocking methods are called from worker threads."""
 
@@ -239,51 +264,55 @@ class ApiService:
         r = self.runnability(uuid)
         if r.runnable and r.state not in FINAL_TX_STATES:
             return r
-        if r.state in FINAL_TX_STATES:
-            reason, message = "final", f"transaction is {r.state.value}: nothing left to run"
-        elif r.running:
-            reason, message = "running", "a stage of this transaction is running right now"
-        else:
-            reason = "not_due"
-            message = "no stage is due yet" + (
-                f" (next attempt at {r.next_attempt_at.isoformat()})" if r.next_attempt_at else ""
-            )
-        raise ApiError(
-            409, "ALREADY_PROCESSED", message,
-            {"state": r.state.value, "reason": reason, "next_attempt_at": r.next_attempt_at},
-        )
+        raise already_processed(r)
 
     def run_inline(self, uuid: str, before: Runnability) -> ProcessResult:
-        """Run the transaction's runnable stages through the resume flow (worker thread)."""
+        """Run the transaction's runnable stages through the resume flow (worker thread).
+
+        A run that claimed nothing (``stages_run == 0``: another call or run holds the
+        stages, or finished them meanwhile) is a 409 ``ALREADY_PROCESSED``, never a 200:
+        a 200 means this call ran at least one stage.
+        """
+        self._check_registered(before.process)
+        summary = self._run_flow(before.process, uuid)
+        stages_run = summary.get("stages_run")
+        stages_run = stages_run if isinstance(stages_run, int) else None
+        if stages_run == 0:
+            raise already_processed(self.runnability(uuid), held_elsewhere=True)
+        tx = self.tracker.get_transaction(uuid)
+        if tx.state != before.state:
+            log_transition(uuid, before.state, tx.state, "process")
+        flow_run_id = summary.get("flow_run_id")
+        return ProcessResult(
+            **TransactionDetail.of(tx).model_dump(),
+            previous_state=before.state,
+            stages_run=stages_run,
+            flow_run_id=str(flow_run_id) if flow_run_id else None,
+        )
+
+    def _check_registered(self, process: str) -> None:
+        """409 ``PROCESS_NOT_REGISTERED`` when this API cannot run ``process`` inline."""
         try:
-            self.tracker.process(before.process)
+            self.tracker.process(process)
         except UnknownProcessError:
             raise ApiError(
                 409, "PROCESS_NOT_REGISTERED",
-                f"process {before.process!r} is not in this API's TRACKING_PROCESSES: "
+                f"process {process!r} is not in this API's TRACKING_PROCESSES: "
                 "it cannot run here",
-                {"process": before.process},
+                {"process": process},
             ) from None
+
+    def _run_flow(self, process: str, uuid: str) -> Mapping[str, Any]:
+        """The inline runner's summary (``{}`` if it returns none); 500 if it fails."""
         try:
-            summary = self.process_runner(before.process, uuid)
+            summary = self.process_runner(process, uuid)
         except Exception as exc:
             logger.exception("resume flow failed for transaction %s", uuid)
             raise ApiError(
                 500, "PROCESS_RUN_FAILED",
                 f"the resume flow failed ({type(exc).__name__}); see the logs for request_id",
             ) from None
-        tx = self.tracker.get_transaction(uuid)
-        if tx.state != before.state:
-            log_transition(uuid, before.state, tx.state, "process")
-        summary = summary if isinstance(summary, Mapping) else {}
-        stages_run = summary.get("stages_run")
-        flow_run_id = summary.get("flow_run_id")
-        return ProcessResult(
-            **TransactionDetail.of(tx).model_dump(),
-            previous_state=before.state,
-            stages_run=stages_run if isinstance(stages_run, int) else None,
-            flow_run_id=str(flow_run_id) if flow_run_id else None,
-        )
+        return summary if isinstance(summary, Mapping) else {}
 
     def run_on_deployment(self, uuid: str, before: Runnability) -> ProcessQueued:
         """Hand the transaction to its Prefect deployment (worker thread)."""
