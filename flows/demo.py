@@ -77,21 +77,25 @@ def main(runs: int = 3, database_url: str | None = None) -> int:
 
     from tracking import Reports, connect
     from tracking.runner import intake_flow, resume_flow
+    from tracking.settings import use_database
 
     console = Console()
     started = datetime.now(UTC) - timedelta(seconds=1)
     code = process.code
-    intake = intake_flow(process=code, path=str(SAMPLE_FILE), database_url=database_url)
-    console.print(
-        f"[bold]intake[/]: {intake['total']} items, {intake['new']} new, "
-        f"{intake['duplicates']} duplicates"
-    )
-    for run in range(1, runs + 1):
-        summary = resume_flow(process=code, database_url=database_url)
-        outcomes = ", ".join(
-            f"{p} {dict(sorted(c.items()))}" for p, c in summary["by_platform"].items()
-        ) or "nothing to run"
-        console.print(f"[bold]resume run {run}[/]: {summary['stages_run']} stages: {outcomes}")
+    with use_database(database_url):  # the URL is never a flow parameter
+        intake = intake_flow(process=code, path=str(SAMPLE_FILE))
+        console.print(
+            f"[bold]intake[/]: {intake['total']} items, {intake['new']} new, "
+            f"{intake['duplicates']} duplicates"
+        )
+        for run in range(1, runs + 1):
+            summary = resume_flow(process=code)
+            outcomes = ", ".join(
+                f"{p} {dict(sorted(c.items()))}" for p, c in summary["by_platform"].items()
+            ) or "nothing to run"
+            console.print(
+                f"[bold]resume run {run}[/]: {summary['stages_run']} stages: {outcomes}"
+            )
 
     engine = connect(database_url)
     reports = Reports(engine)

@@ -259,7 +259,9 @@ def fake_resume(monkeypatch):
     calls = []
 
     def resume_flow(**kwargs):
-        calls.append(kwargs)
+        from tracking.settings import database_url
+
+        calls.append({**kwargs, "database seen by the flow": database_url()})
         return SUMMARY
 
     monkeypatch.setattr(tracking.runner, "resume_flow", resume_flow)
@@ -272,13 +274,18 @@ def test_run_passes_its_options_to_the_resume_flow(cli, fake_resume):
     assert result.code == 0, result.err
     assert fake_resume == [{
         "process": P, "uuid": None, "granularity": "batch", "batch_size": 50,
-        "concurrency": 2, "max_stages": 10, "max_seconds": None, "database_url": None,
+        "concurrency": 2, "max_stages": 10, "max_seconds": None,
+        "database seen by the flow": fake_resume[0]["database seen by the flow"],
     }]
     for text in ("stages_run", "EXHAUSTED", "CRM down", "nothing left to run"):
         assert text in result.out
-    as_json = cli("--database-url", "sqlite:///x.db", "run", P, "--format", "json")
+    url = "postgresql://tracker:s3cret@127.0.0.1:1/tracking"
+    as_json = cli("--database-url", url, "run", P, "--format", "json")
     assert json.loads(as_json.out) == SUMMARY
-    assert fake_resume[-1]["database_url"] == "sqlite:///x.db"
+    # The URL (and its password) reaches the flow through the context, not its parameters.
+    assert fake_resume[-1]["database seen by the flow"] == url
+    assert not any("s3cret" in str(v) for k, v in fake_resume[-1].items()
+                   if k != "database seen by the flow")
     assert fake_resume[-1]["granularity"] == "stage" and fake_resume[-1]["batch_size"] == 100
 
 

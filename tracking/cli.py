@@ -54,7 +54,7 @@ from tracking.reports import (
     as_dicts,
     to_csv,
 )
-from tracking.settings import get_settings
+from tracking.settings import get_settings, use_database
 from tracking.store import InvalidTransition, Tracker, TrackingError, TransactionNotFound
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -504,11 +504,11 @@ def run(
     from tracking.runner import resume_flow
 
     try:
-        summary = resume_flow(
-            process=process, uuid=uuid, granularity=granularity, batch_size=batch_size,
-            concurrency=concurrency, max_stages=max_stages, max_seconds=max_seconds,
-            database_url=ctx().database_url,
-        )
+        with use_database(ctx().database_url):  # not a flow parameter: it may hold a password
+            summary = resume_flow(
+                process=process, uuid=uuid, granularity=granularity, batch_size=batch_size,
+                concurrency=concurrency, max_stages=max_stages, max_seconds=max_seconds,
+            )
     except Exception as exc:
         raise Failed(f"the resume run of {process} failed: {exc}") from exc
     _print_run_summary(summary, format)

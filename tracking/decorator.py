@@ -10,8 +10,10 @@ Define platforms with ``Process.platform``; the decorated object is a real Prefe
         tx.logger.info("cancelling order %s", tx.payload["order_id"])
         return 0                      # or ExecutionResult(...), or raise BusinessError(...)
 
-Inside a resume run each call records the attempt (an event and the stage transition, fenced
-by the run's claim) and ends the task run in a state that says what happened:
+Inside a resume run each call starts the attempt (it counts from then; a stage whose claim
+was lost is skipped, the platform not called), records it (an event and the stage
+transition, fenced by the run's claim) and ends the task run in a state that says what
+happened:
 
 ==============  ===============  =====================================================
 outcome         task run state   what follows
@@ -31,8 +33,9 @@ function, for unit tests.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prefect import Task
@@ -58,11 +61,16 @@ LEASE_LOST = "LeaseLost"
 
 @dataclass(frozen=True)
 class Claim:
-    """Where an attempt is recorded: the tracker and the run that claimed the stage."""
+    """Where an attempt is recorded: the tracker and the run that claimed the stage.
+
+    ``lease_seconds`` is how long a started attempt may take before it counts as lost;
+    ``stopping`` is set when the run stops: reserved stages are then not started.
+    """
 
     tracker: Tracker
     owner: str
     lease_seconds: float
+    stopping: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 class TxContext:
@@ -160,6 +168,8 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
         tx.logger = get_run_logger()
     except Exception:  # outside a run context (batch helpers in tests)
         pass
+    if claim.stopping.is_set():
+        return Completed(name=SKIPPED, message="the run is stopping: not started")
     if run_count > 1:
         # An in-run retry: claim the stage again (it went TERMINATED after the last attempt).
         stage = tracker.claim_stage(
@@ -167,7 +177,14 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
         )
         if stage is None:
             return Completed(name=SKIPPED, message="the stage can no longer run (it changed)")
-        tx.attempt = stage.attempt
+    try:
+        # The attempt counts from here; a lost reservation means another run may have it.
+        tx.attempt = tracker.start_attempt(
+            tx.uuid, tx.platform, tx.stage, owner=claim.owner, lease_seconds=claim.lease_seconds
+        )
+    except LeaseLost as exc:
+        tx.logger.warning("not started: %s", exc)
+        return Completed(name=SKIPPED, message=f"not started: {exc}")
     result = _call(fn, tx)
     try:
         stage = tracker.complete_stage(
@@ -213,7 +230,9 @@ def tracked_task(
     options: dict[str, Any] = {
         "name": f"{process.code}.{platform.code}",
         "task_run_name": "{tx.platform}.{tx.stage} {tx.business_key}",
-        "tags": [f"process:{process.code}", f"platform:{platform.code}"],
+        # No tags: Prefect makes every tagged task run acquire and release `tag:` concurrency
+        # slots through its API (calls per stage, and a failure point); the resume flow run
+        # carries the process and platform tags instead.
         "cache_policy": NO_CACHE,
         "persist_result": False,
         "retry_condition_fn": retry_system_errors,

@@ -20,10 +20,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +39,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
@@ -46,12 +50,15 @@ from tracking.db import connect
 from tracking.decorator import Claim, TxContext, record_unfinished
 from tracking.models import StageState, TxStage
 from tracking.reports import Reports, summary_markdown
-from tracking.settings import get_settings
+from tracking.settings import database_url, get_settings
 from tracking.store import Tracker, UnknownProcessError
 
 INTAKE_CHUNK = 1000
 REPORT_WINDOW = timedelta(days=7)
 PROGRESS_EVERY_SECONDS = 5.0
+# A stage reserved but not started outlives a dead run this long at most (the live run's
+# heartbeat renews it every third of that).
+RESERVATION_SECONDS = 60.0
 Granularity = Literal["stage", "batch"]
 
 
@@ -128,10 +135,20 @@ def _jsonl_items(path: Path, text: str) -> list[dict[str, Any]]:
     return items
 
 
+def database_url_for(database_secret: str | None) -> str:
+    """The tracking database a flow uses: the URL in the Prefect ``Secret`` block named
+    ``database_secret``, else ``use_database``'s or ``TRACKING_DATABASE_URL``."""
+    if database_secret:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(database_secret).get())
+    return database_url()
+
+
 @contextmanager
-def _tracker_for(process_code: str, database_url: str | None) -> Iterator[Tracker]:
+def _tracker_for(process_code: str, database_secret: str | None) -> Iterator[Tracker]:
     process = resolve_process(process_code)
-    engine = connect(database_url)
+    engine = connect(database_url_for(database_secret))
     try:
         yield Tracker(engine, processes=[process])
     finally:
@@ -151,11 +168,13 @@ def intake_flow(
     items: list[dict[str, Any]] | None = None,
     path: str | None = None,
     source: str | None = None,
-    database_url: str | None = None,
+    database_secret: str | None = None,
 ) -> dict[str, Any]:
     """Take items in: each becomes a transaction unless it is a duplicate.
 
     Give ``items`` or ``path`` (a CSV or JSON-lines file). Returns counts and the uuids.
+    The database is ``TRACKING_DATABASE_URL`` or the Prefect ``Secret`` block named
+    ``database_secret``.
     """
     logger = get_run_logger()
     if (items is None) == (path is None):
@@ -165,7 +184,7 @@ def intake_flow(
         source = source or Path(path).name  # type: ignore[arg-type]
     new = 0
     uuids: list[str] = []
-    with _tracker_for(process, database_url) as tracker:
+    with _tracker_for(process, database_secret) as tracker:
         for start in range(0, len(items), INTAKE_CHUNK):
             chunk = items[start : start + INTAKE_CHUNK]
             results = tracker.start_many(process, chunk, source=source)
@@ -258,25 +277,173 @@ def _steps(process: Process) -> list[tuple[Platform, str]]:
     return steps
 
 
-def _run_claimed(
-    runner: ThreadPoolTaskRunner,
-    platform: Platform,
-    stage: str,
-    contexts: list[TxContext],
-    granularity: Granularity,
-    batch_size: int,
-) -> None:
-    futures: list[PrefectFuture[Any]] = []
+@dataclass(frozen=True)
+class _Options:
+    """What a resume run was asked to do (its flow parameters, checked)."""
+
+    process: str
+    uuid: str | None
+    granularity: Granularity
+    batch_size: int
+    concurrency: int
+
+
+class _Budget:
+    """The run's limits: ``max_stages`` claimed, ``max_seconds`` of claiming."""
+
+    def __init__(self, max_stages: int | None, max_seconds: float | None) -> None:
+        self.max_stages, self.max_seconds = max_stages, max_seconds
+        self.deadline = time.monotonic() + max_seconds if max_seconds else None
+
+    def room(self, claimed: int) -> int:
+        return 10_000 if self.max_stages is None else self.max_stages - claimed
+
+    def exceeded(self, claimed: int) -> str | None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return f"time limit of {self.max_seconds}s reached"
+        if self.max_stages is not None and claimed >= self.max_stages:
+            return f"limit of {self.max_stages} stages reached"
+        return None
+
+
+class _Heartbeat:
+    """Keeps a live run's reservations from expiring: renews them every third of their
+    lease, in a background thread, so a slow batch never lets another run take over stages
+    this run still holds (a dead run stops renewing, and its reservations come back)."""
+
+    def __init__(self, tracker: Tracker, process: str, owner: str, seconds: float) -> None:
+        self._renew = lambda: tracker.renew_reservations(process, owner=owner, seconds=seconds)
+        self._every = seconds / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat-{owner}",
+                                        daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._renew()
+            except Exception as exc:  # the database may be back at the next beat
+                logging.getLogger("tracking.runner").warning(
+                    "could not renew reservations: %s: %s", type(exc).__name__, exc
+                )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Job:
+    """One task run in flight: the claimed stages it runs and its future."""
+
+    def __init__(self, contexts: list[TxContext], future: PrefectFuture[Any]) -> None:
+        self.contexts = contexts
+        self.future = future
+
+    def ending(self) -> str:
+        """How the task run ended, for a stage it left unrecorded."""
+        try:
+            state = self.future.wrapped_future.result()  # type: ignore[attr-defined]
+        except BaseException as exc:  # a Prefect failure around the task run
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return f"{getattr(state, 'name', state)}: {getattr(state, 'message', '')}"[:500]
+
+
+def _submit(
+    runner: ThreadPoolTaskRunner, platform: Platform, stage: str,
+    contexts: list[TxContext], granularity: Granularity,
+) -> _Job:
     if granularity == "stage":
-        futures = [runner.submit(platform.task, parameters={"tx": tx}) for tx in contexts]
-    else:
-        for i in range(0, len(contexts), batch_size):
-            chunk = contexts[i : i + batch_size]
-            label = f"{platform.code}.{stage} x{len(chunk)}"
-            params = {"label": label, "platform_task": platform.task, "contexts": chunk}
-            futures.append(runner.submit(run_batch, parameters=params))
-    for future in futures:
-        future.wait()
+        (tx,) = contexts
+        return _Job(contexts, runner.submit(platform.task, parameters={"tx": tx}))
+    label = f"{platform.code}.{stage} x{len(contexts)}"
+    params = {"label": label, "platform_task": platform.task, "contexts": contexts}
+    return _Job(contexts, runner.submit(run_batch, parameters=params))
+
+
+class _Pipeline:
+    """Runs the runnable stages of a run, one platform stage at a time: claims only what it
+    can start now (a free task run slot), so every reserved stage starts soon."""
+
+    def __init__(
+        self, tracker: Tracker, claim: Claim, runner: ThreadPoolTaskRunner, options: _Options,
+        tally: _Tally, reserve_seconds: float,
+    ) -> None:
+        self.tracker, self.claim, self.runner = tracker, claim, runner
+        self.options, self.tally, self.reserve_seconds = options, tally, reserve_seconds
+        self.claimed = 0
+        self._attempts_before: dict[str, int] = {}  # per claimed uuid, of the current step
+
+    def run(self, platform: Platform, stage: str, budget: _Budget) -> str | None:
+        """Work on one platform stage until nothing of it is runnable; returns why it
+        stopped early (a limit), if it did."""
+        o = self.options
+        unit = 1 if o.granularity == "stage" else o.batch_size
+        jobs: list[_Job] = []
+        stopped: str | None = None
+        drained = False
+        try:
+            while True:
+                free = o.concurrency - len(jobs)
+                if not drained and stopped is None and free > 0:
+                    stopped = budget.exceeded(self.claimed)
+                    if stopped is None:
+                        want = min(free * unit, budget.room(self.claimed),
+                                   o.batch_size if unit == 1 else free * unit)
+                        claimed = self.tracker.claim(
+                            o.process, platform.code, stage, owner=self.claim.owner,
+                            uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
+                        )
+                        drained = not claimed
+                        self.claimed += len(claimed)
+                        self._attempts_before.update((c.uuid, c.attempt) for c in claimed)
+                        contexts = [TxContext.of(s, self.claim) for s in claimed]
+                        for i in range(0, len(contexts), unit):
+                            jobs.append(_submit(self.runner, platform, stage,
+                                                contexts[i : i + unit], o.granularity))
+                if not jobs:
+                    return stopped
+                done, _ = wait(
+                    [j.future.wrapped_future for j in jobs],  # type: ignore[attr-defined]
+                    return_when=FIRST_COMPLETED,
+                )
+                finished = [j for j in jobs if j.future.wrapped_future in done]  # type: ignore[attr-defined]
+                jobs = [j for j in jobs if j not in finished]
+                self._settle(finished)
+        except BaseException:
+            self.claim.stopping.set()  # what has not started must not start now
+            raise
+
+    def _settle(self, jobs: list[_Job]) -> None:
+        """Tally what the finished task runs recorded. A stage they left unrecorded is a
+        system error when its attempt had started (the task run's ending as description),
+        or released, attempts intact, when it never started (Prefect failed before the
+        call, or the run is stopping)."""
+        first = jobs[0].contexts[0]
+        contexts = [tx for job in jobs for tx in job.contexts]
+        endings = {tx.uuid: job.ending for job in jobs for tx in job.contexts}
+        stages = self.tracker.get_stages([tx.uuid for tx in contexts], first.platform,
+                                         first.stage)
+        unstarted = []
+        for tx, stage in zip(contexts, stages, strict=True):
+            mine = stage.lease_owner == self.claim.owner
+            if stage.state == StageState.IN_PROGRESS and mine:
+                if stage.started_at is None:
+                    unstarted.append(tx.uuid)
+                    continue
+                why = f"the task run ended without recording its attempt ({endings[tx.uuid]()})"
+                stage = record_unfinished(self.tracker, tx, why) or stage
+            # Only what this run attempted (not a stage it skipped or another run took over).
+            if mine and stage.attempt > self._attempts_before.pop(tx.uuid, stage.attempt):
+                self.tally.add(stage)
+        if unstarted:
+            self.claimed -= self.tracker.release(
+                self.options.process, owner=self.claim.owner, uuids=unstarted,
+                reason="its task run ended before starting it",
+            )
 
 
 @flow(name="resume", flow_run_name="resume {process}")
@@ -289,17 +456,23 @@ def resume_flow(
     max_stages: int | None = None,
     max_seconds: float | None = None,
     lease_seconds: int | None = None,
-    database_url: str | None = None,
+    database_secret: str | None = None,
 ) -> dict[str, Any]:
     """Run every runnable stage of ``process`` (or only of transaction ``uuid``).
 
     Args:
         granularity: ``"stage"`` (one task run per stage, every item visible in the UI) or
             ``"batch"`` (one task run per batch of stages: for high volumes).
-        batch_size: stages claimed at once (and per task run in batch granularity).
-        concurrency: stages (or batches) run at the same time.
+        batch_size: most stages claimed at once (and per task run in batch granularity).
+        concurrency: stages (or batches) run at the same time; the run reserves only what
+            it can start now.
         max_stages / max_seconds: stop claiming after this many stages / seconds.
-        lease_seconds: how long a claim is held (default ``TRACKING_LEASE_SECONDS``).
+        lease_seconds: how long one attempt may take before it counts as lost (default
+            ``TRACKING_LEASE_SECONDS``): keep it above the slowest platform call. Stages
+            waiting in a batch are kept reserved by the run's heartbeat meanwhile.
+        database_secret: name of a Prefect ``Secret`` block holding the database URL;
+            default: ``TRACKING_DATABASE_URL`` (never pass a URL as a parameter: Prefect
+            stores and shows parameters).
     """
     if granularity not in ("stage", "batch"):
         raise ValueError(f"granularity must be 'stage' or 'batch', got {granularity!r}")
@@ -311,87 +484,86 @@ def resume_flow(
     flow_run = FlowRunContext.get().flow_run  # type: ignore[union-attr]
     owner = str(flow_run.id)
     lease = lease_seconds or get_settings().lease_seconds
-    deadline = time.monotonic() + max_seconds if max_seconds else None
+    options = _Options(process, uuid, granularity, batch_size, concurrency)
+    budget = _Budget(max_stages, max_seconds)
     tally = _Tally()
     stopped = "nothing left to run"
-    with _tracker_for(process, database_url) as tracker:
+    with _tracker_for(process, database_secret) as tracker:
         proc = tracker.process(process)
         steps = _steps(proc)
+        _tag_flow_run(flow_run, proc)
         recovered = tracker.recover_expired_leases(process, limit=100_000)
         progress = create_progress_artifact(
             0.0, key=_artifact_key("resume-progress", process),
             description=f"Resume {process}: starting",
         )
         claim = Claim(tracker, owner, lease)
-        next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
-        with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-            for index, (platform, stage) in enumerate(steps):
-                while True:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        stopped = f"time limit of {max_seconds}s reached"
-                        break
-                    room = None if max_stages is None else max_stages - tally.stages_run
-                    if room is not None and room <= 0:
-                        stopped = f"limit of {max_stages} stages reached"
-                        break
-                    limit = batch_size * (concurrency if granularity == "batch" else 1)
-                    claimed = tracker.claim(
-                        process, platform.code, stage, owner=owner, uuid=uuid,
-                        limit=min(limit, room) if room else limit, lease_seconds=lease,
-                    )
-                    if not claimed:
-                        break
-                    contexts = [TxContext.of(s, claim) for s in claimed]
-                    _run_claimed(runner, platform, stage, contexts, granularity, batch_size)
-                    for s in _settle(tracker, contexts):
-                        tally.add(s)
-                    if time.monotonic() >= next_progress:  # an API call: not every batch
+        reserve = min(float(lease), RESERVATION_SECONDS)
+        try:
+            with (
+                _Heartbeat(tracker, process, owner, reserve),
+                ThreadPoolTaskRunner(max_workers=concurrency) as runner,
+            ):
+                pipeline = _Pipeline(tracker, claim, runner, options, tally, reserve)
+                next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
+                for index, (platform, stage) in enumerate(steps):
+                    why = pipeline.run(platform, stage, budget)
+                    if time.monotonic() >= next_progress:  # an API call: not every step
                         next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
                         update_progress_artifact(
-                            progress, 100.0 * index / len(steps),
+                            progress, 100.0 * (index + 1) / len(steps),
                             description=f"{platform.code}.{stage}: {tally.stages_run} stages run",
                         )
-                if stopped != "nothing left to run":
-                    break
+                    if why is not None:
+                        stopped = why
+                        break
+        finally:
+            claim.stopping.set()
+            _release_unstarted(tracker, process, owner, logger)
         update_progress_artifact(progress, 100.0, description=f"done: {stopped}")
-    summary = {
-        "process": process,
-        "flow_run_id": owner,
-        "stages_run": tally.stages_run,
-        "recovered_leases": recovered,
-        "by_platform": {p: dict(c) for p, c in tally.by_platform.items()},
-        "top_errors": tally.top_errors(),
-        "stopped": stopped,
-    }
-    _publish_summary(process, summary, tally)
-    _publish_report(process, database_url)
+        summary = {
+            "process": process,
+            "flow_run_id": owner,
+            "stages_run": tally.stages_run,
+            "recovered_leases": recovered,
+            "by_platform": {p: dict(c) for p, c in tally.by_platform.items()},
+            "top_errors": tally.top_errors(),
+            "stopped": stopped,
+        }
+        _publish_summary(process, summary, tally)
+        _publish_report(process, tracker)
     logger.info("resume %s: %d stages run (%s)", process, tally.stages_run, stopped)
     return summary
 
 
-def _settle(tracker: Tracker, contexts: list[TxContext]) -> list[TxStage]:
-    """The stages as recorded; a stage whose task run ended without recording its attempt
-    (timeout, crash) gets a system error now, so nothing waits for its lease to expire."""
-    first = contexts[0]
-    stages = tracker.get_stages([tx.uuid for tx in contexts], first.platform, first.stage)
-    settled = []
-    for tx, stage in zip(contexts, stages, strict=True):
-        if stage.state == StageState.IN_PROGRESS and stage.lease_owner == tx.claim.owner:  # type: ignore[union-attr]
-            stage = record_unfinished(
-                tracker, tx, "the task run ended without recording its attempt"
-            ) or stage
-        settled.append(stage)
-    return settled
+def _release_unstarted(tracker: Tracker, process: str, owner: str, logger: Any) -> None:
+    """However the run ends (done, an error, SIGTERM, cancellation), give back what it
+    reserved and never started, so no other run waits for its leases."""
+    try:
+        released = tracker.release(process, owner=owner)
+    except Exception as exc:  # e.g. the database is down: the reservations expire instead
+        logger.warning("could not release unstarted stages: %s: %s", type(exc).__name__, exc)
+        return
+    if released:
+        logger.info("released %d reserved stages that did not start", released)
 
 
-def _publish_report(process: str, database_url: str | None) -> None:
+def _tag_flow_run(flow_run: Any, process: Process) -> None:
+    """Put the process and platform tags on this flow run (not on every task run)."""
+    tags = {f"process:{process.code}", *(f"platform:{p.code}" for p in process.platforms)}
+    if tags <= set(flow_run.tags):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted(tags | set(flow_run.tags)))
+    except Exception as exc:  # tags are for the UI: never a reason to fail the run
+        get_run_logger().warning("could not tag the flow run: %s", type(exc).__name__)
+
+
+def _publish_report(process: str, tracker: Tracker) -> None:
     """The business picture after the run (the last 7 days), as in ``tracking report``."""
     end = datetime.now(UTC)
-    engine = connect(database_url)
-    try:
-        markdown = summary_markdown(Reports(engine), end - REPORT_WINDOW, end, process)
-    finally:
-        engine.dispose()
+    markdown = summary_markdown(Reports(tracker.engine), end - REPORT_WINDOW, end, process)
     create_markdown_artifact(
         markdown, key=_artifact_key("tracking-report", process),
         description=f"{process}: transactions of the last 7 days by state, stages, top errors",

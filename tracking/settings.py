@@ -6,6 +6,9 @@ a test or a command can change the environment and see the change.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -60,3 +63,35 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read the settings now."""
     return Settings()
+
+
+# Set only inside ``use_database`` (and so reset by it): a context variable, not a global,
+# so concurrent callers (API threads, tests) never see each other's database.
+_database_override: ContextVar[str | None] = ContextVar("tracking_database_url", default=None)
+
+
+@contextmanager
+def use_database(url: str | None) -> Iterator[None]:
+    """Within this block, flows started here use ``url`` as their tracking database.
+
+    This is how the CLI (``--database-url``) and the API hand their database to a flow they
+    run in-process without making it a flow parameter (Prefect stores and shows those, and a
+    URL may hold a password). ``None`` changes nothing.
+
+    Example:
+        with use_database("postgresql://tracker:secret@db/tracking"):
+            resume_flow(process="ORDER_CANCELLATION")
+    """
+    if url is None:
+        yield
+        return
+    token = _database_override.set(url)
+    try:
+        yield
+    finally:
+        _database_override.reset(token)
+
+
+def database_url() -> str:
+    """The tracking database of this context: ``use_database``'s, else the setting."""
+    return _database_override.get() or get_settings().database_url

@@ -35,7 +35,7 @@ from tracking.api.schemas import (
 from tracking.db import read_only
 from tracking.models import FINAL_TX_STATES, StageState, TxProcess, TxStage, TxState
 from tracking.reports import Reports
-from tracking.settings import Settings
+from tracking.settings import Settings, use_database
 from tracking.store import Tracker, TransactionNotFound, UnknownProcessError
 
 logger = logging.getLogger("tracking.api")
@@ -58,7 +58,9 @@ def resume_flow_runner(database_url: str) -> ProcessRunner:
     def run(process: str, uuid: str) -> Any:
         from tracking import runner
 
-        return runner.resume_flow(process=process, uuid=uuid, database_url=database_url)
+        # The URL reaches the flow through the context, never as a (stored, shown) parameter.
+        with use_database(database_url):
+            return runner.resume_flow(process=process, uuid=uuid)
 
     return run
 
