@@ -797,8 +797,6 @@ class Tracker:
     @staticmethod
     def _check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
         state = StageState(row.state)
-        if state in FINAL_STAGE_STATES:
-            raise InvalidTransition(f"{_label(row)} is already {state.value}")
         if owner is not None:
             if state != StageState.IN_PROGRESS or row.lease_owner != owner:
                 raise LeaseLost(
@@ -806,6 +804,8 @@ class Tracker:
                     f"(state {state.value}, owner {row.lease_owner!r})"
                 )
             return
+        if state in FINAL_STAGE_STATES:
+            raise InvalidTransition(f"{_label(row)} is already {state.value}")
         if state == StageState.IN_PROGRESS:
             raise InvalidTransition(
                 f"{_label(row)} is claimed by {row.lease_owner!r} until "
