@@ -8,6 +8,8 @@ startup), or build an app of your own::
 
 Creating the app does no I/O: the database connection, the migrations and the registration
 of the processes listed in ``TRACKING_PROCESSES`` happen in the app's lifespan (startup).
+Without ``PREFECT_API_URL``, the first inline run starts Prefect's temporary server; the
+lifespan's shutdown stops it (SIGTERM included), so stopping the API leaves nothing running.
 See README.md, section "HTTP API", for the endpoints.
 """
 
@@ -26,9 +28,16 @@ from tracking.api.errors import ApiError, install_handlers
 from tracking.api.logs import configure_logging
 from tracking.api.middleware import OPEN_PATHS, RequestMiddleware
 from tracking.api.routes import router
-from tracking.api.service import ApiService, DeploymentRunner, ProcessRunner
+from tracking.api.service import (
+    ApiService,
+    DeploymentRunner,
+    ProcessRunner,
+    resume_flow_runner,
+    run_on_deployment,
+)
 from tracking.catalog import load_processes
 from tracking.db import connect
+from tracking.prefect_server import TemporaryServer
 from tracking.settings import Settings, get_settings
 from tracking.store import Tracker
 
@@ -46,6 +55,22 @@ def _open_tracker(settings: Settings) -> Tracker:
     """Connect (running migrations) and register the configured processes."""
     processes = load_processes(settings.processes)
     return Tracker(connect(settings.database_url), processes=processes)
+
+
+def _on_temporary_server(
+    server: TemporaryServer,
+    tracker: Tracker,
+    process_runner: ProcessRunner | None,
+    deployment_runner: DeploymentRunner | None,
+) -> tuple[ProcessRunner, DeploymentRunner]:
+    """The runners; the default ones start ``server`` first (when no PREFECT_API_URL is set),
+    so the temporary Prefect server is the app's and stops with it. Injected ones are kept."""
+    if process_runner is None:
+        url = tracker.engine.url.render_as_string(hide_password=False)
+        process_runner = server.wrap(resume_flow_runner(url))
+    if deployment_runner is None:
+        deployment_runner = server.wrap(run_on_deployment)
+    return process_runner, deployment_runner
 
 
 def create_app(
@@ -67,9 +92,12 @@ def create_app(
             ``prefect.deployments.run_deployment`` on ``tracking.runner.deployment_name``.
     """
 
-    def start(app: FastAPI, s: Settings, t: Tracker) -> None:
+    def start(app: FastAPI, s: Settings, t: Tracker, server: TemporaryServer | None = None) -> None:
+        runners = (process_runner, deployment_runner)
+        if server is not None:
+            runners = _on_temporary_server(server, t, *runners)
         app.state.settings = s
-        app.state.service = ApiService(s, t, process_runner, deployment_runner)
+        app.state.service = ApiService(s, t, *runners)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,10 +106,12 @@ def create_app(
         await run_in_threadpool(_warm_up)
         own = tracker is None
         t = tracker or await run_in_threadpool(_open_tracker, s)
-        start(app, s, t)
+        prefect_server = TemporaryServer()
+        start(app, s, t, prefect_server)
         try:
             yield
         finally:
+            await run_in_threadpool(prefect_server.stop)
             if own:
                 t.engine.dispose()
 
