@@ -66,3 +66,17 @@ def too_slow(tx: TxContext) -> int:
 
 
 processes.append(slow)
+
+# Calls that take a while (the payload says how long), counted like BUSY's.
+slow_batch = Process("SLOW_BATCH", dedup=KeyFields("id"))
+
+
+@slow_batch.platform("A", order=1, retry=RetryPolicy(max_attempts=1))
+def slow_call(tx: TxContext) -> int:
+    with _lock:
+        executions[(tx.uuid, f"{tx.platform}.{tx.stage}")] += 1
+    time.sleep(float(tx.payload.get("sleep", 0.03)))
+    return 0
+
+
+processes.append(slow_batch)
