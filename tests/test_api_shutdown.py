@@ -177,3 +177,12 @@ def test_sigterm_leaves_no_process_behind(scenario: Scenario) -> None:
         f"still running after the API stopped: {scenario.survivors}\n{scenario.log[-3000:]}"
     )
     assert not scenario.server_answers, "the temporary Prefect server still answers"
+
+
+def test_temporary_server_runs_without_telemetry(scenario: Scenario) -> None:
+    """Its telemetry heartbeat wrote to its SQLite database and logged 'database is locked'."""
+    assert scenario.server_env.get("PREFECT_SERVER_ANALYTICS_ENABLED") == "False"
+
+
+def test_api_log_has_no_traceback(scenario: Scenario) -> None:
+    assert "Traceback" not in scenario.log, scenario.log

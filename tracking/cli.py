@@ -499,12 +499,12 @@ def run(
         _positive(name, value)
     if max_seconds is not None and max_seconds <= 0:
         raise BadInput(f"--max-seconds must be positive, got {max_seconds}")
-    # Prefect's in-process server logs CancelledError tracebacks when it stops at exit.
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    from tracking.prefect_server import quiet_settings
     from tracking.runner import resume_flow
 
     try:
-        with use_database(ctx().database_url):  # not a flow parameter: it may hold a password
+        # Without PREFECT_API_URL the flow starts Prefect's temporary server (stopped at exit).
+        with quiet_settings(), use_database(ctx().database_url):
             summary = resume_flow(
                 process=process, uuid=uuid, granularity=granularity, batch_size=batch_size,
                 concurrency=concurrency, max_stages=max_stages, max_seconds=max_seconds,

@@ -9,7 +9,8 @@ its shutdown). ``TemporaryServer`` makes the owner explicit: whoever starts it s
         server.start()          # no-op when PREFECT_API_URL is set
         resume_flow(...)
 
-It also starts the server quietly: telemetry off (the temporary server's
+``quiet_settings()`` is for a short-lived command that lets Prefect start (and, at exit,
+stop) the server itself. Both start the server quietly: telemetry off (the temporary server's
 ``send_telemetry_heartbeat`` writes to its SQLite database while the first flow runs and logs
 a ``database is locked`` traceback) and its log level CRITICAL unless
 ``PREFECT_SERVER_LOGGING_LEVEL`` is set (it logs ``CancelledError`` tracebacks when stopped).
@@ -34,6 +35,16 @@ def _settings() -> dict[str, Any]:
         "updates": {PREFECT_SERVER_ANALYTICS_ENABLED: False},
         "set_defaults": {PREFECT_SERVER_LOGGING_LEVEL: "CRITICAL"},
     }
+
+
+@contextmanager
+def quiet_settings() -> Iterator[None]:
+    """Settings under which a temporary server started in this block (by Prefect itself, in
+    this thread, or by ``TemporaryServer.start``) is quiet; nothing is started here."""
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(**_settings()):
+        yield
 
 
 def api_url_configured() -> bool:
@@ -70,9 +81,8 @@ class TemporaryServer:
         with self._lock:
             if self._server is None and not api_url_configured():
                 from prefect.server.api.server import SubprocessASGIServer
-                from prefect.settings import temporary_settings
 
-                with temporary_settings(**_settings()):
+                with quiet_settings():
                     server = SubprocessASGIServer()  # the instance Prefect's clients use
                     server.start()
                 self._server = server
