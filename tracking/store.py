@@ -481,16 +481,18 @@ class Tracker:
         limit = _check_limit(limit)
         owner = _check_owner(owner)
         lease_seconds = _check_seconds(lease_seconds)
-        # Stages of dead workers first: their lost attempt is recorded and they become
-        # runnable again (one indexed query when there are none).
-        self.recover_expired_leases(process_code, p.code)
+        # Stages of dead workers first: their lost attempts are recorded (one indexed query
+        # when there are none), and their expired reservations given back in the claim's own
+        # transaction, so this claim can take them.
+        self._recover_lost_attempts(self.process(process_code), [p.code], limit=1000)
         now = self.clock()
         candidates = self._runnable(process_code, p.code, stage, now).where(
             sa.or_(STAGE.c.lease_owner.is_(None), STAGE.c.lease_owner != owner)
         )
         if uuid is not None:
             candidates = candidates.where(STAGE.c.uuid == uuid)
-        return self._claim_where(candidates.limit(limit), owner, lease_seconds, now)
+        expired = _expired_leases(process_code, [p.code], now)
+        return self._claim_where(candidates.limit(limit), owner, lease_seconds, now, expired)
 
     def claim_stage(
         self,
@@ -521,7 +523,12 @@ class Tracker:
         return claimed[0] if claimed else None
 
     def _claim_where(
-        self, candidates: sa.Select[Any], owner: str, lease_seconds: float, now: datetime
+        self,
+        candidates: sa.Select[Any],
+        owner: str,
+        lease_seconds: float,
+        now: datetime,
+        release_first: list[Any] | None = None,
     ) -> list[TxStage]:
         if self.engine.dialect.name == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
@@ -540,6 +547,8 @@ class Tracker:
             .returning(*STAGE.c)
         )
         with self.engine.begin() as conn:
+            if release_first is not None:
+                _release(conn, release_first, EXPIRED_RESERVATION, now, skip_locked=True)
             rows = conn.execute(claim).all()
             if not rows:
                 return []
@@ -634,17 +643,20 @@ class Tracker:
         owner = _check_owner(owner)
         now = self.clock()
         expires = now + timedelta(seconds=_check_seconds(seconds))
+        held: Any = sa.and_(
+            STAGE.c.process_code == process_code,
+            STAGE.c.lease_expires_at.is_not(None),
+            STAGE.c.lease_owner == owner,
+            _RESERVED,
+        )
         with self.engine.begin() as conn:
-            return conn.execute(
-                sa.update(STAGE)
-                .where(
-                    STAGE.c.process_code == process_code,
-                    STAGE.c.lease_expires_at.is_not(None),
-                    STAGE.c.lease_owner == owner,
-                    _RESERVED,
-                )
-                .values(lease_expires_at=expires)
-            ).rowcount
+            if conn.dialect.name == "postgresql":
+                # A row being started or released right now is renewed at the next beat;
+                # waiting for it could deadlock with that multi-row statement.
+                locked = sa.select(STAGE.c.id).where(held).with_for_update(skip_locked=True)
+                held = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), held)
+            renew = sa.update(STAGE).where(held).values(lease_expires_at=expires)
+            return conn.execute(renew).rowcount
 
     def release(
         self,
@@ -664,37 +676,16 @@ class Tracker:
             STAGE.c.lease_owner == owner,
         ]
         if uuids is None:
-            return self._release_where(where, f"released by {owner}: {reason}")
+            return self._release_where(where, f"released by {owner}: {reason}", False)
         released = 0
         for i in range(0, len(uuids), 500):
             chunk = [*where, STAGE.c.uuid.in_(list(uuids[i : i + 500]))]
-            released += self._release_where(chunk, f"released by {owner}: {reason}")
+            released += self._release_where(chunk, f"released by {owner}: {reason}", False)
         return released
 
-    def _release_where(self, where: list[Any], description: str) -> int:
-        """Reserved stages matching ``where`` back to runnable, with their RELEASED events."""
-        now = self.clock()
-        released = (
-            sa.update(STAGE)
-            .where(*where, _RESERVED)
-            .values(
-                # TERMINATED when the last attempt left a system error, else never tried.
-                state=sa.case(
-                    (STAGE.c.error_code.is_(None), StageState.PENDING.value),
-                    else_=StageState.TERMINATED.value,
-                ),
-                next_attempt_at=now,
-                # lease_owner stays: the releasing run is not handed the stage again.
-                lease_expires_at=None,
-                updated_at=now,
-            )
-            .returning(STAGE.c.id)
-        )
+    def _release_where(self, where: list[Any], description: str, skip_locked: bool) -> int:
         with self.engine.begin() as conn:
-            ids = conn.execute(released).scalars().all()
-            for i in range(0, len(ids), 500):
-                conn.execute(_released_events(ids[i : i + 500], description, now))
-        return len(ids)
+            return _release(conn, where, description, self.clock(), skip_locked=skip_locked)
 
     def recover_expired_leases(
         self, process_code: str, platform: str | None = None, *, limit: int = 1000
@@ -708,21 +699,21 @@ class Tracker:
         """
         process = self.process(process_code)
         codes = [process.get_platform(platform).code] if platform else None
+        expired = _expired_leases(process_code, codes, self.clock())
+        released = self._release_where(expired, EXPIRED_RESERVATION, True)
+        return released + self._recover_lost_attempts(process, codes, limit)
+
+    def _recover_lost_attempts(
+        self, process: Process, platforms: list[str] | None, limit: int
+    ) -> int:
+        """Record the started attempts whose lease expired as lost (one transaction each)."""
         now = self.clock()
-        expired = [
-            STAGE.c.process_code == process_code,
-            STAGE.c.lease_expires_at.is_not(None),
-            STAGE.c.lease_expires_at <= now,
-        ]
-        if codes:
-            expired.append(STAGE.c.platform.in_(codes))
-        released = self._release_where(
-            expired, "reservation expired before the attempt started (its run stopped)"
+        query = sa.select(STAGE.c.uuid).where(
+            *_expired_leases(process.code, platforms, now), STAGE.c.started_at.is_not(None)
         )
-        query = sa.select(STAGE.c.uuid).where(*expired)
         with read_only(self.engine) as conn:
             lost = conn.execute(query.limit(_check_limit(limit, 100_000))).scalars().all()
-        recovered = released
+        recovered = 0
         for uuid in lost:
             with self.engine.begin() as conn:
                 recovered += self._recover_one(conn, process, uuid, now)
@@ -1098,6 +1089,55 @@ class Tracker:
             if tx is None:
                 raise TransactionNotFound(f"no transaction {uuid!r}")
             return tx
+
+
+EXPIRED_RESERVATION = "reservation expired before the attempt started (its run stopped)"
+
+
+def _expired_leases(process_code: str, platforms: list[str] | None, now: datetime) -> list[Any]:
+    """Conditions of the stages of ``process_code`` whose lease expired (ix_tx_stage_lease)."""
+    where = [
+        STAGE.c.process_code == process_code,
+        STAGE.c.lease_expires_at.is_not(None),
+        STAGE.c.lease_expires_at <= now,
+    ]
+    if platforms:
+        where.append(STAGE.c.platform.in_(platforms))
+    return where
+
+
+def _release(
+    conn: Connection, where: list[Any], description: str, now: datetime, *, skip_locked: bool
+) -> int:
+    """Reserved stages matching ``where`` back to runnable, with their RELEASED events.
+
+    ``skip_locked`` leaves rows another transaction holds (PostgreSQL) for a later call: a
+    claim that gives back expired reservations of other runs must not wait or deadlock.
+    """
+    matching: Any = sa.and_(*where, _RESERVED)
+    if skip_locked and conn.dialect.name == "postgresql":
+        locked = sa.select(STAGE.c.id).where(matching).with_for_update(skip_locked=True)
+        matching = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), _RESERVED)
+    released = (
+        sa.update(STAGE)
+        .where(matching)
+        .values(
+            # TERMINATED when the last attempt left a system error, else never tried.
+            state=sa.case(
+                (STAGE.c.error_code.is_(None), StageState.PENDING.value),
+                else_=StageState.TERMINATED.value,
+            ),
+            next_attempt_at=now,
+            # lease_owner stays: the releasing run is not handed the stage again.
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .returning(STAGE.c.id)
+    )
+    ids = conn.execute(released).scalars().all()
+    for i in range(0, len(ids), 500):
+        conn.execute(_released_events(ids[i : i + 500], description, now))
+    return len(ids)
 
 
 def _released_events(ids: Sequence[int], description: str, now: datetime) -> sa.Insert:
