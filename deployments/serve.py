@@ -7,6 +7,10 @@ For users without a work pool::
 It creates one deployment per process in ``TRACKING_PROCESSES`` (named like the ones in
 ``prefect.yaml``: ``resume/<process-code>``), each on the cron ``0 * * * *`` (UTC), and runs
 their flow runs until stopped with Ctrl-C. Open the Prefect UI to trigger one now.
+
+Like the work-pool deployments, its flow runs send a heartbeat every ``HEARTBEAT_SECONDS``
+and it creates (or updates) the automation that marks a run Crashed when its heartbeats stop
+(``deployments.automations``), so a run killed with ``kill -9`` does not stay Running.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
+from deployments.automations import HEARTBEAT_SECONDS, TRACKING_TAG, ensure_zombie_automation
 from tracking.catalog import load_processes
 from tracking.runner import deployment_name, resume_flow
 from tracking.settings import get_settings
@@ -36,7 +41,7 @@ def build_deployments(
                 name=name,
                 cron=cron,
                 parameters={"process": code, **parameters},
-                tags=["tracking", f"process:{code}"],
+                tags=[TRACKING_TAG, f"process:{code}"],
                 description=f"Hourly resume of {code}",
             )
         )
@@ -44,8 +49,11 @@ def build_deployments(
 
 
 def main() -> None:
-    """Serve every process's hourly deployment until interrupted."""
-    serve(*build_deployments())
+    """Serve every process's hourly deployment until interrupted (the zombie automation
+    created or updated first; the runs beat every ``HEARTBEAT_SECONDS``)."""
+    deployments = build_deployments()
+    ensure_zombie_automation()
+    serve(*deployments, heartbeat_seconds=HEARTBEAT_SECONDS)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Examples:
     tracking requeue --process ORDER_CANCELLATION --platform SAP --state EXHAUSTED --yes
     tracking report summary --from 2026-01-01 --to 2026-01-31 --format csv
     tracking report html --out report.html
+    tracking zombie-automation             # after `prefect deploy`: kill -9'd runs -> Crashed
 
 Every command calls the same ``Tracker``/``Reports`` methods as the HTTP API. Exit codes:
 0 done; 1 the operation failed (for example a transaction that cannot be requeued: reported
@@ -581,6 +582,36 @@ def serve() -> int:
         serve_main()
 
     _run_service("serve", serve_all)
+    return EXIT_OK
+
+
+@app.command(name="zombie-automation")
+def zombie_automation() -> int:
+    """Create or update the Prefect automation that marks a tracking flow run Crashed when its
+    heartbeats stop (its process was killed with kill -9 or its machine died). Run it once
+    after `prefect deploy`; running it again updates the automation, never duplicates it.
+    """
+    from deployments.automations import (
+        HEARTBEAT_SECONDS,
+        TRACKING_TAG,
+        ZOMBIE_AFTER_SECONDS,
+        ZOMBIE_AUTOMATION_NAME,
+        ensure_zombie_automation,
+    )
+    from tracking.prefect_server import api_url_configured
+
+    if not api_url_configured():
+        raise BadInput("PREFECT_API_URL is not set: point it at the Prefect server of the "
+                       "deployments (a temporary server would forget the automation)")
+    try:
+        automation_id, applied = ensure_zombie_automation()
+    except Exception as exc:
+        raise Failed(f"zombie-automation: {type(exc).__name__}: {exc}") from exc
+    ctx().out.print(
+        f"{applied} automation {ZOMBIE_AUTOMATION_NAME!r} ({automation_id}): flow runs tagged "
+        f"{TRACKING_TAG!r} become Crashed after {ZOMBIE_AFTER_SECONDS} s without a heartbeat "
+        f"(they beat every {HEARTBEAT_SECONDS} s)", markup=False, soft_wrap=True,
+    )
     return EXIT_OK
 
 
