@@ -202,9 +202,13 @@ def test_two_concurrent_resume_runs_never_double_process(env):
 
 def test_flow_fails_when_it_cannot_do_its_job(monkeypatch):
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
-    monkeypatch.setenv("TRACKING_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("TRACKING_DATABASE_URL", "postgresql://nobody:pw-9@127.0.0.1:1/none")
     state = resume_flow(process="OUTCOMES", return_state=True)
     assert state.is_failed()
+    # It says which database failed, without its password.
+    assert "the tracking database postgresql+psycopg://nobody:***@127.0.0.1:1/none failed" in (
+        state.message)
+    assert "pw-9" not in state.message
     state = resume_flow(process="NO_SUCH_PROCESS", return_state=True)
     assert state.is_failed() and "unknown process" in state.message.lower() + str(
         state.result(raise_on_failure=False)).lower()

@@ -17,6 +17,7 @@ from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFai
 from tracking.policy import RetryPolicy
 from tracking.reports import Reports
 from tracking.store import (
+    DatabaseUnavailable,
     InvalidTransition,
     LeaseLost,
     Tracker,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BusinessError",
     "Custom",
+    "DatabaseUnavailable",
     "EventKind",
     "ExecutionResult",
     "InvalidTransition",

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from prefect import flow, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -46,12 +47,12 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tracking.catalog import Platform, Process, load_processes
-from tracking.db import connect
+from tracking.db import connect, normalise_url
 from tracking.decorator import Claim, TxContext, record_unfinished
 from tracking.models import StageState, TxStage
 from tracking.reports import Reports, summary_markdown
 from tracking.settings import database_url, get_settings
-from tracking.store import Tracker, UnknownProcessError
+from tracking.store import DatabaseUnavailable, Tracker, UnknownProcessError
 
 INTAKE_CHUNK = 1000
 REPORT_WINDOW = timedelta(days=7)
@@ -147,12 +148,20 @@ def database_url_for(database_secret: str | None) -> str:
 
 @contextmanager
 def _tracker_for(process_code: str, database_secret: str | None) -> Iterator[Tracker]:
+    """A tracker on the flow's database; a database failure inside the block becomes a
+    ``DatabaseUnavailable`` that names the database (never its password)."""
     process = resolve_process(process_code)
-    engine = connect(database_url_for(database_secret))
+    url = sa.make_url(normalise_url(database_url_for(database_secret)))
     try:
-        yield Tracker(engine, processes=[process])
-    finally:
-        engine.dispose()
+        engine = connect(url.render_as_string(hide_password=False))
+        try:
+            yield Tracker(engine, processes=[process])
+        finally:
+            engine.dispose()
+    except sa.exc.DBAPIError as exc:
+        where = url.render_as_string(hide_password=True)
+        detail = " ".join(str(exc.orig).split())[:300]
+        raise DatabaseUnavailable(f"the tracking database {where} failed: {detail}") from exc
 
 
 def _artifact_key(prefix: str, process: str) -> str:

@@ -143,6 +143,10 @@ class InvalidTransition(TrackingError):
     """The requested change is not allowed from the current state."""
 
 
+class DatabaseUnavailable(TrackingError):
+    """The tracking database failed or went away (the message names it, without password)."""
+
+
 class LeaseLost(InvalidTransition):
     """The stage is no longer claimed by this owner (its lease expired and was taken over)."""
 
