@@ -76,13 +76,14 @@ def test_prefect_yaml_deployments_beat_every_heartbeat_seconds_and_are_tagged() 
         assert TRACKING_TAG in deployment["tags"]
 
 
-def deploy_prefect_yaml() -> str:
-    """``prefect --no-prompt deploy --all`` of prefect.yaml on the current Prefect server."""
+def deploy_prefect_yaml(prefect_file: Path = ROOT / "prefect.yaml") -> str:
+    """``prefect --no-prompt deploy --all`` of ``prefect_file`` on the current Prefect server
+    (from the checkout, as the README says)."""
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     for args in (["work-pool", "create", "tracking", "--type", "process"],
-                 ["--no-prompt", "deploy", "--all"]):
+                 ["--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]):
         done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
