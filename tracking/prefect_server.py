@@ -89,10 +89,15 @@ class TemporaryServer:
             return self.api_url
 
     def stop(self) -> None:
-        """Stop the server if ``start`` started it (waits for it to exit)."""
+        """Stop the server if ``start`` started it (waits for it to exit).
+
+        Prefect's log and event workers send to the server in the background: they are
+        drained first, or they would fail (and retry at exit) against a stopped server.
+        """
         with self._lock:
             server, self._server = self._server, None
         if server is not None:
+            _drain_prefect_workers()
             server.stop()
 
     def wrap(self, call: Callable[..., R]) -> Callable[..., R]:
@@ -103,6 +108,17 @@ class TemporaryServer:
             return call(*args, **kwargs)
 
         return started_first
+
+
+def _drain_prefect_workers(timeout: float = 10) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # a worker that cannot drain must not keep the server running
+            pass
 
 
 @contextmanager
