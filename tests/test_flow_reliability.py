@@ -154,3 +154,24 @@ def test_the_database_can_come_from_a_prefect_secret_block(monkeypatch, sqlite_u
     assert summary["stages_run"] == 2
     assert _parameters(summary["flow_run_id"])["database_secret"] == "tracking-test-db"
     assert sqlite_url not in repr(_parameters(summary["flow_run_id"]))
+
+
+def test_a_worker_run_refuses_a_sqlite_file_in_its_temporary_directory(
+    monkeypatch, tmp_path
+):
+    """A process worker runs each flow in a temporary directory: the default relative
+    SQLite file would be created there and deleted after the run, silently doing nothing."""
+    workdir = tmp_path / "worker-run"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
+    monkeypatch.setenv("TRACKING_DATABASE_URL", "sqlite:///tracking.db")
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "0c4b5c1e-0000-4000-8000-000000000001")
+    state = resume_flow(process="BUSY", return_state=True)
+    assert state.is_failed()
+    assert "relative SQLite path 'tracking.db'" in state.message
+    assert "temporary directory" in state.message
+    assert not (workdir / "tracking.db").exists()
+    # Outside a deployment run (the CLI, the demo) the relative path is the user's choice.
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
+    assert resume_flow(process="BUSY")["stages_run"] == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -146,12 +147,34 @@ def database_url_for(database_secret: str | None) -> str:
     return database_url()
 
 
+def check_not_throwaway(url: sa.URL, cwd: Path | None = None) -> None:
+    """Refuse a relative SQLite path in a deployment run whose working directory is a
+    temporary one (a process worker's): the file would vanish with the directory, and the
+    run would find nothing to do in an empty database."""
+    from prefect.runtime import deployment
+
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or database.startswith("file:"):
+        return
+    if database == ":memory:" or Path(database).is_absolute() or deployment.id is None:
+        return
+    cwd = (cwd or Path.cwd()).resolve()
+    if cwd.is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        raise ValueError(
+            f"TRACKING_DATABASE_URL is the relative SQLite path {database!r}, which here is "
+            f"{cwd / database}: inside the worker's temporary directory, deleted after the "
+            "run. Set TRACKING_DATABASE_URL to PostgreSQL or an absolute SQLite path in the "
+            "worker's environment, or pass database_secret."
+        )
+
+
 @contextmanager
 def _tracker_for(process_code: str, database_secret: str | None) -> Iterator[Tracker]:
     """A tracker on the flow's database; a database failure inside the block becomes a
     ``DatabaseUnavailable`` that names the database (never its password)."""
     process = resolve_process(process_code)
     url = sa.make_url(normalise_url(database_url_for(database_secret)))
+    check_not_throwaway(url)
     try:
         engine = connect(url.render_as_string(hide_password=False))
         try:
