@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench screenshot clean
+.PHONY: demo test proof lint bench screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The standing proofs alone (several workers, kill -9, SIGTERM, outage, contention).
+proof: $(STAMP)
+	TRACKING_TEST_POSTGRES_URL=$${TRACKING_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test} \
+		$(BIN)/python -m pytest tests/test_proof_workers.py tests/test_proof_crash.py \
+		tests/test_proof_outage.py tests/test_proof_contention.py tests/test_flow_reliability.py tests/test_properties.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
