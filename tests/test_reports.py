@@ -128,9 +128,12 @@ def test_stage_durations_mean_p95_and_max_per_platform(tracker, reports, clock):
     start = clock.now
     for seconds, uuid in enumerate(uuids, start=1):
         (stage,) = tracker.claim(P, "A", owner="w", limit=1, uuid=uuid)
+        clock.advance(3)  # reserved, waiting: not part of the attempt's duration
+        tracker.start_attempt(uuid, "A", "validate", owner="w")
         clock.advance(seconds)
         tracker.complete_stage(uuid, "A", 0, owner="w")
     (stage,) = tracker.claim(P, "B", "process", owner="w", limit=1)
+    tracker.start_attempt(stage.uuid, "B", "process", owner="w")
     clock.advance(0.25)
     tracker.complete_stage(stage.uuid, "B", 0, stage="process", owner="w")
 
