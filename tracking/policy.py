@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,9 +24,13 @@ def _seconds(value: float | int | timedelta | None, name: str) -> float | None:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
+
+
+# The longest wait a policy can ask for (a retry due later than this is no retry).
+MAX_DELAY_SECONDS = 10 * 365 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class RetryPolicy:
         object.__setattr__(self, "max_delay", _seconds(self.max_delay, "max_delay"))
         object.__setattr__(self, "jitter", _seconds(self.jitter, "jitter"))
         b = self.backoff
-        if isinstance(b, bool) or not isinstance(b, int | float) or b < 1:
-            raise ValueError(f"backoff must be a number >= 1, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b < 1:
+            raise ValueError(f"backoff must be a finite number >= 1, got {b!r}")
         object.__setattr__(self, "backoff", float(b))
 
     def is_exhausted(self, attempts: int) -> bool:
@@ -69,7 +74,11 @@ class RetryPolicy:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         if attempt < 1:
             raise ValueError(f"attempt must be >= 1, got {attempt}")
-        seconds = self.delay * self.backoff ** (attempt - 1)
+        try:
+            seconds = self.delay * self.backoff ** (attempt - 1)
+        except OverflowError:  # many attempts of a steep back-off: the cap applies
+            seconds = math.inf if self.delay else 0.0
+        seconds = min(seconds, MAX_DELAY_SECONDS)
         if self.max_delay is not None:
             seconds = min(seconds, self.max_delay)
         if self.jitter:

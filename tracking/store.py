@@ -977,6 +977,7 @@ class Tracker:
                 .values(
                     state=StageState.CANCELLED,
                     next_attempt_at=None,
+                    lease_expires_at=None,  # a cancelled reservation holds nothing
                     updated_at=now,
                     finished_at=now,
                     error_description=f"cancelled: {reason}",
@@ -1007,6 +1008,12 @@ class Tracker:
                 )
             if any(s.state == StageState.IN_PROGRESS and s.started_at for s in stages):
                 raise InvalidTransition(f"transaction {uuid} has a stage running right now")
+            if all(s.state == StageState.COMPLETED for s in stages):
+                # A cancel that raced the last stage's running attempt: nothing is left.
+                raise InvalidTransition(
+                    f"transaction {uuid} is {state.value} but every stage is COMPLETED: "
+                    "nothing left to run"
+                )
             first = True
             for s in stages:
                 if s.state == StageState.COMPLETED:
@@ -1104,6 +1111,7 @@ def _expired_leases(process_code: str, platforms: list[str] | None, now: datetim
         STAGE.c.process_code == process_code,
         STAGE.c.lease_expires_at.is_not(None),
         STAGE.c.lease_expires_at <= now,
+        STAGE.c.state == StageState.IN_PROGRESS,
     ]
     if platforms:
         where.append(STAGE.c.platform.in_(platforms))
