@@ -351,10 +351,13 @@ class Bench:
         self.intake(n)
         self.completions.times.clear()
         t0, w0 = time.perf_counter(), time.time()
-        summary = self.resume_flow(
-            process=PROCESS, granularity=granularity, batch_size=batch_size,
-            concurrency=concurrency, database_url=self.url,
-        )
+        from tracking.settings import use_database
+
+        with use_database(self.url):  # not a flow parameter
+            summary = self.resume_flow(
+                process=PROCESS, granularity=granularity, batch_size=batch_size,
+                concurrency=concurrency,
+            )
         wall = time.perf_counter() - t0
         stalls = (
             self.completions.stalls(w0, time.time(), self.args.stall_threshold)
