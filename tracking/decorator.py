@@ -109,6 +109,9 @@ class TxContext:
         self.business_key = business_key
         self.logger = logger or logging.getLogger(f"tracking.platform.{platform or 'test'}")
         self.claim = claim
+        # Set by the tracked task for its run's bookkeeping: the stage as this attempt
+        # recorded it (None when it recorded nothing: skipped, or ended before recording).
+        self.recorded: TxStage | None = None
 
     @classmethod
     def of(cls, stage: TxStage, claim: Claim) -> TxContext:
@@ -194,6 +197,7 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
     except LeaseLost as exc:
         tx.logger.warning("attempt not recorded: %s", exc)
         return Failed(name=LEASE_LOST, message=str(exc))
+    tx.recorded = stage
     return state_for(result, stage)
 
 

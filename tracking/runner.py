@@ -415,15 +415,19 @@ class _Pipeline:
         o = self.options
         unit = 1 if o.granularity == "stage" else o.batch_size
         jobs: list[_Job] = []
+        waiting: list[TxContext] = []  # claimed, for the next free task run slot
         stopped: str | None = None
         drained = False
         try:
             while True:
-                free = o.concurrency - len(jobs)
-                if not drained and stopped is None and free > 0:
+                free = o.concurrency - len(jobs) - len(waiting) // unit
+                if not drained and stopped is None and free > 0 and not waiting:
                     stopped = budget.exceeded(self.claimed)
                     if stopped is None:
-                        want = min(free * unit, budget.room(self.claimed),
+                        # Stage granularity keeps up to one more round reserved, so a
+                        # claim serves several task runs; batches start as they are claimed.
+                        ahead = o.concurrency if unit == 1 else 0
+                        want = min((free + ahead) * unit, budget.room(self.claimed),
                                    o.batch_size if unit == 1 else free * unit)
                         claimed = self.tracker.claim(
                             o.process, platform.code, stage, owner=self.claim.owner,
@@ -433,9 +437,11 @@ class _Pipeline:
                         self.claimed += len(claimed)
                         self._attempts_before.update((c.uuid, c.attempt) for c in claimed)
                         contexts = [TxContext.of(s, self.claim) for s in claimed]
-                        for i in range(0, len(contexts), unit):
-                            jobs.append(_submit(self.runner, platform, stage,
-                                                contexts[i : i + unit], o.granularity))
+                        waiting.extend(contexts)
+                while waiting and len(jobs) < o.concurrency:
+                    jobs.append(_submit(self.runner, platform, stage, waiting[:unit],
+                                        o.granularity))
+                    del waiting[:unit]
                 if not jobs:
                     return stopped
                 done, _ = wait(
@@ -454,23 +460,37 @@ class _Pipeline:
         system error when its attempt had started (the task run's ending as description),
         or released, attempts intact, when it never started (Prefect failed before the
         call, or the run is stopping)."""
-        first = jobs[0].contexts[0]
-        contexts = [tx for job in jobs for tx in job.contexts]
-        endings = {tx.uuid: job.ending for job in jobs for tx in job.contexts}
-        stages = self.tracker.get_stages([tx.uuid for tx in contexts], first.platform,
+        contexts = []
+        for job in jobs:
+            for tx in job.contexts:
+                if tx.recorded is not None:  # the common case: no need to read it back
+                    self._tally(tx, tx.recorded)
+                else:
+                    contexts.append((tx, job))
+        if not contexts:
+            return
+        first = contexts[0][0]
+        stages = self.tracker.get_stages([tx.uuid for tx, _ in contexts], first.platform,
                                          first.stage)
         unstarted = []
-        for tx, stage in zip(contexts, stages, strict=True):
+        for (tx, job), stage in zip(contexts, stages, strict=True):
             mine = stage.lease_owner == self.claim.owner
             if stage.state == StageState.IN_PROGRESS and mine:
                 if stage.started_at is None:
                     unstarted.append(tx.uuid)
                     continue
-                why = f"the task run ended without recording its attempt ({endings[tx.uuid]()})"
+                why = f"the task run ended without recording its attempt ({job.ending()})"
                 stage = record_unfinished(self.tracker, tx, why) or stage
-            # Only what this run attempted (not a stage it skipped or another run took over).
-            if mine and stage.attempt > self._attempts_before.pop(tx.uuid, stage.attempt):
-                self.tally.add(stage)
+            if mine:
+                self._tally(tx, stage)
+        self._release(unstarted)
+
+    def _tally(self, tx: TxContext, stage: TxStage) -> None:
+        """Count what this run attempted (not a stage it skipped or another run took)."""
+        if stage.attempt > self._attempts_before.pop(tx.uuid, stage.attempt):
+            self.tally.add(stage)
+
+    def _release(self, unstarted: list[str]) -> None:
         if unstarted:
             self.claimed -= self.tracker.release(
                 self.options.process, owner=self.claim.owner, uuids=unstarted,
