@@ -8,16 +8,15 @@ and drops it at the end. Without the variable those tests are skipped (CI sets i
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
+from tests.pg import fresh_database
 from tracking import KeyFields, Platform, Process, RetryPolicy, Tracker, connect
-from tracking.db import normalise_url
 
 POSTGRES_ENV = "TRACKING_TEST_POSTGRES_URL"
 
@@ -56,17 +55,8 @@ def postgres_server_url() -> Iterator[str]:
     url = os.environ.get(POSTGRES_ENV)
     if not url:
         pytest.skip(f"{POSTGRES_ENV} is not set")
-    server = make_url(normalise_url(url))
-    name = f"tracking_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(url) as database_url:
+        yield database_url
 
 
 @pytest.fixture
@@ -88,6 +78,14 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
 def db_url(request) -> str:
     """Each test using it runs once on SQLite and once on PostgreSQL."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def env(monkeypatch, db_url: str) -> str:
+    """Flows of ``tests.flow_processes`` on a fresh database (each test on both)."""
+    monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
+    monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
+    return db_url
 
 
 @pytest.fixture

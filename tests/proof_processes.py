@@ -102,21 +102,28 @@ def item_index(tx: TxContext) -> int:
     return int(tx.payload["n"])
 
 
-proof = Process("PROOF", dedup=KeyFields("key"))
+def pattern_process(code: str, *, pause: bool = False) -> Process:
+    """A process of the three platforms of the outcome pattern. With ``pause`` each call
+    sleeps ``TRACKING_PROOF_SLEEP`` seconds after its side effect (so kills land mid-call)."""
+    process = Process(code, dedup=KeyFields("key"))
+
+    def platform_call(platform: str):
+        def call(tx: TxContext) -> int:
+            record_side_effect(tx)
+            if pause:
+                time.sleep(float(os.environ.get(SLEEP_ENV, "0.01")))
+            return outcome(platform, item_index(tx), tx.attempt)
+
+        call.__name__ = f"{code.lower()}_{platform.lower()}"
+        return call
+
+    for order, platform in enumerate(PLATFORMS, start=1):
+        retry = RetryPolicy(max_attempts=RULES[platform][0], delay=0)
+        process.platform(platform, order=order, retry=retry)(platform_call(platform))
+    return process
 
 
-def _proof_platform(platform: str):
-    def call(tx: TxContext) -> int:
-        record_side_effect(tx)
-        return outcome(platform, item_index(tx), tx.attempt)
-
-    call.__name__ = f"proof_{platform.lower()}"
-    return call
-
-
-for _order, _code in enumerate(PLATFORMS, start=1):
-    proof.platform(_code, order=_order,
-                   retry=RetryPolicy(max_attempts=RULES[_code][0], delay=0))(_proof_platform(_code))
+proof = pattern_process("PROOF")
 
 
 def proof_items(start: int, count: int) -> list[dict[str, object]]:

@@ -23,13 +23,6 @@ from tracking.settings import use_database
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-@pytest.fixture
-def env(monkeypatch, db_url: str) -> str:
-    monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
-    monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
-    return db_url
-
-
 def _event_kinds(url: str, process: str) -> dict[str, int]:
     engine = connect(url)
     with engine.connect() as conn:

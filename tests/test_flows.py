@@ -32,13 +32,6 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture
-def env(monkeypatch, db_url: str) -> str:
-    monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
-    monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
-    return db_url
-
-
-@pytest.fixture
 def sqlite_env(monkeypatch, sqlite_url: str) -> str:
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
     monkeypatch.setenv("TRACKING_DATABASE_URL", sqlite_url)
