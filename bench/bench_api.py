@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuid_lib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -77,22 +76,10 @@ def fresh_database(url: str | None, workdir: Path) -> Iterator[str]:
     if not url:
         yield f"sqlite:///{workdir / 'bench.db'}"
         return
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
+    from tests.pg import fresh_database as fresh_postgres_database
 
-    from tracking.db import normalise_url
-
-    server = make_url(normalise_url(url))
-    name = f"bench_api_{uuid_lib.uuid4().hex[:8]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_postgres_database(url, "bench_api") as database_url:
+        yield database_url
 
 
 def seed(url: str, count: int, chunk: int = 5000) -> float:

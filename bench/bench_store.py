@@ -50,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuid_lib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ if str(ROOT) not in sys.path:
 import sqlalchemy as sa  # noqa: E402
 from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
+from tests.pg import fresh_database as fresh_postgres_database  # noqa: E402
 from tracking import (  # noqa: E402
     ExecutionResult,
     KeyFields,
@@ -215,19 +215,10 @@ def fresh_database(base_url: str | None, workdir: Path, n: int) -> Iterator[str]
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
-    server = make_url(normalise_url(base_url))
-    if server.get_backend_name() != "postgresql":
+    if make_url(normalise_url(base_url)).get_backend_name() != "postgresql":
         raise SystemExit(f"unsupported database URL {base_url!r}")
-    name = f"bench_{uuid_lib.uuid4().hex[:10]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_postgres_database(base_url, "bench") as url:
+        yield url
 
 
 def database_size(engine: Engine, url: str) -> int | None:
