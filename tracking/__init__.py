@@ -9,24 +9,29 @@ Example:
     uuid, is_new = tracker.start_or_resume("CANCELLATION", {"request_id": "FE-1"})
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from tracking.catalog import Platform, Process, load_processes
 from tracking.db import connect
 from tracking.dedup import Custom, KeyFields, PayloadHash
-from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
-from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFailure
-from tracking.policy import RetryPolicy
-from tracking.reports import Reports
-from tracking.store import (
+from tracking.errors import (
     DatabaseUnavailable,
     InvalidTransition,
     LeaseLost,
-    Tracker,
     TrackingError,
     TransactionNotFound,
     UnknownProcessError,
 )
+from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
+from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFailure
+from tracking.policy import RetryPolicy
+from tracking.reports import Reports
+from tracking.store import Tracker
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("prefect-tracking")
+except PackageNotFoundError:  # imported from a checkout that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "BusinessError",

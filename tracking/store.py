@@ -46,6 +46,14 @@ from sqlmodel import Session, select
 from tracking.catalog import Platform, Process
 from tracking.db import read_only
 from tracking.dedup import canonical_json
+from tracking.errors import (  # noqa: F401 (re-exported: they were defined here)
+    DatabaseUnavailable,
+    InvalidTransition,
+    LeaseLost,
+    TrackingError,
+    TransactionNotFound,
+    UnknownProcessError,
+)
 from tracking.models import (
     FINAL_STAGE_STATES,
     FINAL_TX_STATES,
@@ -125,30 +133,6 @@ _INSERT_ONE_TRANSACTION = (
     .bindparams(*(sa.bindparam(c, type_=TX.c[c].type) for c in _TX_COLUMNS))
     .columns(TX.c.fingerprint)
 )
-
-
-class TrackingError(Exception):
-    """Base class of the tracker's errors."""
-
-
-class UnknownProcessError(TrackingError, ValueError):
-    """The process code is not registered with this tracker."""
-
-
-class TransactionNotFound(TrackingError, LookupError):
-    """No transaction has this uuid."""
-
-
-class InvalidTransition(TrackingError):
-    """The requested change is not allowed from the current state."""
-
-
-class DatabaseUnavailable(TrackingError):
-    """The tracking database failed or went away (the message names it, without password)."""
-
-
-class LeaseLost(InvalidTransition):
-    """The stage is no longer claimed by this owner (its lease expired and was taken over)."""
 
 
 @dataclass(frozen=True)
