@@ -1112,3 +1112,22 @@ def test_text_log_lines_cannot_be_split_by_the_client(client, api_logs):
     assert "\n" not in line and "\x1b" not in line
     assert "abc\\n2026-01-01T00:00:00Z INFO forged\\x1b[31m" in line
     assert json.loads(JsonFormatter().format(access))["path"].startswith("/transactions/abc\n")
+
+
+def test_request_ids_of_forked_server_processes_never_repeat():
+    """uvicorn --workers forks after import: ids from a PRNG state copied into each worker
+    would repeat across workers."""
+    import os
+
+    from tracking.api.logs import new_request_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a forked worker
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert child != new_request_id()

@@ -19,7 +19,6 @@ import json
 import logging
 import logging.handlers
 import queue
-import random
 import re
 import uuid
 from contextvars import ContextVar
@@ -29,7 +28,6 @@ from typing import Any
 LOGGER_NAME = "tracking.api"
 logger = logging.getLogger(LOGGER_NAME)
 
-_random = random.Random()
 _request_id: ContextVar[str | None] = ContextVar("tracking_api_request_id", default=None)
 MAX_REQUEST_ID_LENGTH = 128
 _SAFE_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:+=@/-]{{1,{MAX_REQUEST_ID_LENGTH}}}$")
@@ -58,12 +56,9 @@ def reset_request_id(token: Any) -> None:
 
 
 def new_request_id() -> str:
-    """A random UUID4 for correlation.
-
-    From Python's PRNG, not ``os.urandom``: a request id needs uniqueness, not secrecy, and
-    one ``getrandom`` system call per request is measurable at high request rates.
-    """
-    return str(uuid.UUID(int=_random.getrandbits(128), version=4))
+    """A random UUID4 for correlation (``uuid.uuid4``: from the OS, so server processes
+    forked from one parent never repeat each other's ids, as a shared PRNG state would)."""
+    return str(uuid.uuid4())
 
 
 def accept_request_id(header: str | None) -> str:
