@@ -17,8 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tracking import BusinessError, ExecutionResult, KeyFields, Process, RetryPolicy
-from tracking.decorator import TxContext
+from tracking import BusinessError, ExecutionResult, KeyFields, Process, RetryPolicy, TxContext
 
 SAMPLE_FILE = Path(__file__).parent / "data" / "cancellations.csv"
 REFUND_APPROVAL_LIMIT = 2000

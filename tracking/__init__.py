@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from tracking.catalog import Platform, Process, load_processes
 from tracking.db import connect
+from tracking.decorator import TxContext
 from tracking.dedup import Custom, KeyFields, PayloadHash
 from tracking.errors import (
     DatabaseUnavailable,
@@ -56,6 +57,7 @@ __all__ = [
     "TxEvent",
     "TxProcess",
     "TxStage",
+    "TxContext",
     "TxState",
     "UnknownProcessError",
     "__version__",
