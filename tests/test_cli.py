@@ -137,8 +137,11 @@ def test_db_upgrade_creates_tables_and_views(cli, env):
 
 
 def test_db_upgrade_with_a_bad_url_or_revision(cli):
-    result = cli("--database-url", "mysql://nobody@nowhere/x", "db", "upgrade")
+    result = cli("--database-url", "mysql://nobody:pw-42@nowhere/x", "db", "upgrade")
     assert result.code == 2 and "bad database URL" in result.err
+    assert "pw-42" not in result.err + result.out  # never echo a password
+    result = cli("--database-url", "mysql://nobody:pw-42@nowhere/x", "report", "summary")
+    assert result.code == 2 and "bad database URL" in result.err and "pw-42" not in result.err
     result = cli("db", "upgrade", "9999")
     assert result.code == 2 and "unknown revision" in result.err
 

@@ -104,7 +104,7 @@ class Context:
             try:
                 self._engine = connect(url)
             except (ValueError, sa.exc.ArgumentError) as exc:
-                raise BadInput(f"bad database URL {url!r}: {exc}") from None
+                raise BadInput(f"bad database URL {_shown(url)}: {exc}") from None
         return self._engine
 
     def reports(self) -> Reports:
@@ -145,6 +145,14 @@ class Context:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _shown(url: str) -> str:
+    """A database URL fit for a message: its password masked."""
+    try:
+        return repr(sa.make_url(url).render_as_string(hide_password=True))
+    except Exception:  # not even parseable: say so rather than echo what may hold a secret
+        return "(unparseable)"
 
 
 def _console(file: Any) -> Console:
@@ -340,7 +348,7 @@ def db_upgrade(revision: str = "head") -> int:
     try:
         engine = create_engine(url)
     except (ValueError, sa.exc.ArgumentError) as exc:
-        raise BadInput(f"bad database URL {url!r}: {exc}") from None
+        raise BadInput(f"bad database URL {_shown(url)}: {exc}") from None
     try:
         before = current_revision(engine)
         upgrade(engine, revision)
