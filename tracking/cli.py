@@ -41,6 +41,7 @@ from tracking import __version__
 from tracking.catalog import Process, load_processes
 from tracking.db import connect, create_engine, current_revision, head_revision, upgrade
 from tracking.dedup import canonical_json
+from tracking.errors import InvalidTransition, TrackingError, TransactionNotFound
 from tracking.models import StageState, TxState
 from tracking.reports import (
     REQUEUABLE_TX_STATES,
@@ -56,7 +57,7 @@ from tracking.reports import (
     to_csv,
 )
 from tracking.settings import get_settings, use_database
-from tracking.store import InvalidTransition, Tracker, TrackingError, TransactionNotFound
+from tracking.store import Tracker
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 INTAKE_CHUNK = 500

@@ -44,9 +44,9 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
 
+from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
-from tracking.store import InvalidTransition, LeaseLost
 
 if TYPE_CHECKING:
     from tracking.catalog import Platform, Process

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tracking.api.logs import current_request_id
-from tracking.store import InvalidTransition, TransactionNotFound, UnknownProcessError
+from tracking.errors import InvalidTransition, TransactionNotFound, UnknownProcessError
 
 logger = logging.getLogger("tracking.api")
 

@@ -33,10 +33,11 @@ from tracking.api.schemas import (
     is_uuid,
 )
 from tracking.db import read_only
+from tracking.errors import TransactionNotFound, UnknownProcessError
 from tracking.models import FINAL_TX_STATES, StageState, TxProcess, TxStage, TxState
 from tracking.reports import Reports
 from tracking.settings import Settings, use_database
-from tracking.store import Tracker, TransactionNotFound, UnknownProcessError
+from tracking.store import Tracker
 
 logger = logging.getLogger("tracking.api")
 
