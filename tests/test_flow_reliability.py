@@ -168,3 +168,11 @@ def test_a_worker_run_refuses_a_sqlite_file_in_its_temporary_directory(
     # Outside a deployment run (the CLI, the demo) the relative path is the user's choice.
     monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
     assert resume_flow(process="BUSY")["stages_run"] == 0
+
+
+def test_batches_larger_than_one_claim_still_run(env):
+    """concurrency x batch_size above the most one claim may reserve (10,000) is claimed in
+    parts, not refused."""
+    intake_flow(process="BUSY", items=[{"id": i} for i in range(30)])
+    summary = resume_flow(process="BUSY", granularity="batch", batch_size=6000, concurrency=2)
+    assert summary["stages_run"] == 60

@@ -50,10 +50,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tracking.catalog import Platform, Process, load_processes
 from tracking.db import connect, normalise_url
 from tracking.decorator import Claim, TxContext, record_unfinished
+from tracking.errors import DatabaseUnavailable, UnknownProcessError
 from tracking.models import StageState, TxStage
 from tracking.reports import Reports, summary_markdown
 from tracking.settings import database_url, get_settings
-from tracking.store import DatabaseUnavailable, Tracker, UnknownProcessError
+from tracking.store import MAX_CLAIM, Tracker
 
 INTAKE_CHUNK = 1000
 REPORT_WINDOW = timedelta(days=7)
@@ -328,7 +329,9 @@ class _Budget:
         self.deadline = time.monotonic() + max_seconds if max_seconds else None
 
     def room(self, claimed: int) -> int:
-        return 10_000 if self.max_stages is None else self.max_stages - claimed
+        """How many stages the run may still claim (at most one claim's worth)."""
+        left = MAX_CLAIM if self.max_stages is None else self.max_stages - claimed
+        return min(left, MAX_CLAIM)
 
     def exceeded(self, claimed: int) -> str | None:
         if self.deadline is not None and time.monotonic() >= self.deadline:

@@ -46,11 +46,9 @@ from sqlmodel import Session, select
 from tracking.catalog import Platform, Process
 from tracking.db import read_only
 from tracking.dedup import canonical_json
-from tracking.errors import (  # noqa: F401 (re-exported: they were defined here)
-    DatabaseUnavailable,
+from tracking.errors import (
     InvalidTransition,
     LeaseLost,
-    TrackingError,
     TransactionNotFound,
     UnknownProcessError,
 )
@@ -74,6 +72,7 @@ TX = TxProcess.__table__
 STAGE = TxStage.__table__
 EVENT = TxEvent.__table__
 MAX_OWNER_LENGTH = 100
+MAX_CLAIM = 10_000  # most stages one claim may reserve
 MAX_SOURCE_LENGTH = 100
 
 # The hot paths' statements are built once: SQLAlchemy then reuses their compiled form
@@ -1153,7 +1152,7 @@ def _released_events(ids: Sequence[int], description: str, now: datetime) -> sa.
     return sa.insert(EVENT).from_select(columns, source)
 
 
-def _check_limit(limit: Any, maximum: int = 10_000) -> int:
+def _check_limit(limit: Any, maximum: int = MAX_CLAIM) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
         raise ValueError(f"limit must be an int from 1 to {maximum}, got {limit!r}")
     return limit
