@@ -245,3 +245,16 @@ def test_claim_can_be_limited_to_one_transaction(tracker):
     (stage,) = tracker.claim(P, "A", owner="api", uuid=uuids[3])
     assert stage.uuid == uuids[3]
     assert tracker.claim(P, "A", owner="api", uuid=uuids[3]) == []
+
+
+def test_start_and_release_refuse_bad_input_and_change_nothing(tracker):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
+    tracker.claim(P, "A", owner="w1")
+    for bad in ({"uuid": 42}, {"platform": None}, {"owner": ""}, {"lease_seconds": float("nan")}):
+        args = {"uuid": uuid, "platform": "A", "stage": "validate", "owner": "w1", **bad}
+        with pytest.raises(ValueError):
+            tracker.start_attempt(args.pop("uuid"), args.pop("platform"), args.pop("stage"),
+                                  **args)
+    with pytest.raises(ValueError):
+        tracker.release(P, owner="w1", uuids=uuid)  # a string, not a list of uuids
+    assert tracker.start_attempt(uuid, "A", "validate", owner="w1") == 1  # still reserved

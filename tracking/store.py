@@ -591,6 +591,9 @@ class Tracker:
         """
         owner = _check_owner(owner)
         lease_seconds = _check_seconds(lease_seconds)
+        for name, value in (("uuid", uuid), ("platform", platform), ("stage", stage)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
         now = self.clock()
         params = {
             "b_uuid": uuid, "b_platform": platform, "b_stage": stage, "b_owner": owner,
@@ -664,6 +667,8 @@ class Tracker:
         ]
         if uuids is None:
             return self._release_where(where, f"released by {owner}: {reason}", False)
+        if isinstance(uuids, str) or not all(isinstance(u, str) for u in uuids):
+            raise ValueError(f"uuids must be a list of transaction uuids, got {uuids!r}")
         released = 0
         for i in range(0, len(uuids), 500):
             chunk = [*where, STAGE.c.uuid.in_(list(uuids[i : i + 500]))]
