@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 # The HTML report of a sample scenario, and a headless Chromium screenshot of it (checked not blank).
 screenshot: $(STAMP)
-	$(BIN)/python -m tests.sample_report build/report-sample.html build/report-sample.png
+	$(BIN)/python -m tools.report_screenshot build/report-sample.html build/report-sample.png
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -10,8 +10,14 @@ import pytest
 
 from tests.conftest import FakeClock
 from tests.sample_processes import build_scenario, process
-from tests.sample_report import check_not_blank, find_chromium, png_pixels, sample_html, screenshot
 from tests.test_queries import count_statements
+from tools.report_screenshot import (
+    check_not_blank,
+    find_chromium,
+    png_pixels,
+    sample_html,
+    screenshot,
+)
 from tracking import ExecutionResult, Reports, Tracker
 from tracking.report_html import collect, page, render_html
 

@@ -1,8 +1,11 @@
 """Render the HTML report of the sample scenario and screenshot it with headless Chromium.
 
-Used by ``tests/test_html_report.py`` and by ``make screenshot``::
+A tool, run from the checkout by ``make screenshot``, and used by ``tests/test_html_report.py``::
 
-    python -m tests.sample_report build/report-sample.html build/report-sample.png
+    python -m tools.report_screenshot build/report-sample.html build/report-sample.png
+
+The scenario is the tests' (``tests/sample_processes.py``, with their ``FakeClock``), so it
+needs the checkout and the dev extras, as the tests do.
 
 The screenshot is checked without new dependencies: the PNG is decoded here (zlib and the
 five PNG row filters) and must show many colours, including the report's chart colours.
