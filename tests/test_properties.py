@@ -73,8 +73,6 @@ from tracking import (
 from tracking import policy as policy_module
 from tracking.db import read_only
 from tracking.models import (
-    FINAL_TX_STATES,
-    OPEN_STAGE_STATES,
     EventKind,
     TxEvent,
     TxProcess,
@@ -88,6 +86,8 @@ from tracking.outcomes import (
     result_from_exception,
     to_result,
 )
+from tracking.states import FINAL_TX_STATES
+from tracking.states import RUNNABLE_STAGE_STATES as OPEN_STAGE_STATES
 
 # -- 1. error codes ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from tracking.store import claims
 from tracking import Tracker
 
 P = "CANCELLATION"
@@ -49,7 +50,7 @@ def test_claim_statement_count_does_not_grow_with_rows(tracker):
 
 def test_runnable_query_uses_the_runnable_index(tracker, engine):
     _fill(tracker, 30)
-    query = tracker._runnable(P, "A", "validate", tracker.clock()).limit(10)
+    query = claims.runnable(P, "A", "validate", tracker.clock()).limit(10)
     compiled = query.compile(engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":

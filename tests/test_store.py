@@ -432,3 +432,32 @@ def test_cancel_while_running_keeps_the_attempt_but_runs_nothing_after(tracker):
     tx = tracker.get_transaction(uuid)
     assert tx.state == TxState.CANCELLED
     assert tracker.get_pending_stages(P, "B", stage="process") == []
+
+
+def test_operator_actions_and_completions_work_for_a_process_this_program_did_not_import(
+    engine, clock
+):
+    """Requeue raised UnknownProcessError for a process outside the tracker's registrations
+    while cancel worked: the retry policy now lives with each stage and in the catalog."""
+    writer = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    uuid, _ = writer.start_or_resume("CANCELLATION", {"request_id": "FE-ANY"})
+    operator = Tracker(engine, clock=clock)  # knows no process, like a bare CLI or API
+    stage = operator.complete_stage(uuid, "A", -1, stage="validate")
+    assert stage.state == StageState.EXHAUSTED  # A allows one attempt
+    tx = operator.requeue(uuid, reason="fixed", actor="ops")
+    assert tx.state == TxState.PENDING
+    assert tx.stages[0].attempts_allowed == 2 and tx.stages[0].next_attempt_at is not None
+    assert operator.cancel(uuid, reason="no longer wanted").state == TxState.CANCELLED
+
+
+def test_a_stage_keeps_the_retry_policy_it_was_created_under(engine, clock):
+    process = Process("POLICY", platforms=[Platform(
+        "A", order=1, retry=RetryPolicy(max_attempts=5, delay=60, backoff=2, max_delay=100))])
+    tracker = Tracker(engine, processes=[process], clock=clock)
+    uuid, _ = tracker.start_or_resume("POLICY", {"k": 1})
+    bare = Tracker(engine, clock=clock)
+    first = bare.complete_stage(uuid, "A", -1)
+    assert first.next_attempt_at == clock.now + timedelta(seconds=60)
+    clock.advance(60)
+    assert bare.complete_stage(uuid, "A", -1).next_attempt_at == clock.now + timedelta(
+        seconds=100)

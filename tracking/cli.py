@@ -44,7 +44,6 @@ from tracking.dedup import canonical_json
 from tracking.errors import InvalidTransition, TrackingError, TransactionNotFound
 from tracking.models import StageState, TxState
 from tracking.reports import (
-    REQUEUABLE_TX_STATES,
     AgingItem,
     AttemptCount,
     ErrorCount,
@@ -57,6 +56,7 @@ from tracking.reports import (
     to_csv,
 )
 from tracking.settings import get_settings, use_database
+from tracking.states import REQUEUABLE_TX_STATES
 from tracking.store import Tracker
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2

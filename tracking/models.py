@@ -85,13 +85,8 @@ class EventKind(enum.StrEnum):
     REQUEUED = "REQUEUED"
 
 
-FINAL_STAGE_STATES = frozenset(
-    {StageState.COMPLETED, StageState.REJECTED, StageState.EXHAUSTED, StageState.CANCELLED}
-)
-OPEN_STAGE_STATES = frozenset({StageState.PENDING, StageState.TERMINATED})
-FINAL_TX_STATES = frozenset(
-    {TxState.COMPLETED, TxState.REJECTED, TxState.EXHAUSTED, TxState.CANCELLED}
-)
+# The moves between these states, and the named sets of them (runnable, final, waiting,
+# requeuable), are declared in ``tracking.states``.
 
 
 class CatalogProcess(SQLModel, table=True):
@@ -203,6 +198,11 @@ class TxStage(SQLModel, table=True):
     state: StageState = Field(default=StageState.PENDING, sa_type=_enum(StageState))
     attempt: int = 0
     attempts_allowed: int | None = None
+    # The retry policy this stage runs under (its platform's when it was created or requeued).
+    retry_delay_seconds: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
+    retry_backoff: float = Field(default=1.0, sa_column_kwargs={"server_default": "1"})
+    retry_max_delay_seconds: float | None = None
+    retry_jitter_seconds: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
     next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

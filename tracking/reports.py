@@ -37,6 +37,7 @@ from tracking.models import (
     utcnow,
 )
 from tracking.outcomes import Outcome
+from tracking.states import REQUEUABLE_TX_STATES, WAITING_TX_STATES
 
 TX = TxProcess.__table__
 STAGE = TxStage.__table__
@@ -562,12 +563,6 @@ class Reports:
         """Codes of every process registered in this database's catalog."""
         q = sa.select(CATALOG_PROCESS.c.code).order_by(CATALOG_PROCESS.c.code)
         return [r.code for r in self._rows(q)]
-
-
-WAITING_TX_STATES = frozenset({TxState.PENDING, TxState.IN_PROGRESS, TxState.TERMINATED})
-REQUEUABLE_TX_STATES = frozenset(
-    {TxState.EXHAUSTED, TxState.TERMINATED, TxState.REJECTED, TxState.CANCELLED}
-)
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:

@@ -34,9 +34,10 @@ from tracking.api.schemas import (
 )
 from tracking.db import read_only
 from tracking.errors import TransactionNotFound, UnknownProcessError
-from tracking.models import FINAL_TX_STATES, StageState, TxProcess, TxStage, TxState
+from tracking.models import StageState, TxProcess, TxStage, TxState
 from tracking.reports import Reports
 from tracking.settings import Settings, use_database
+from tracking.states import FINAL_TX_STATES
 from tracking.store import Tracker
 
 logger = logging.getLogger("tracking.api")

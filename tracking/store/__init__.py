@@ -1,0 +1,14 @@
+"""The tracking store: ``Tracker`` (the facade) over one module per concept.
+
+* ``catalog``: process definitions stored in the database.
+* ``intake``: items in as transactions with their stages, deduplicated.
+* ``claims``: reserving, starting, renewing and releasing work; leases of dead runs.
+* ``transitions``: attempt results and operator actions, decided by ``tracking.states``.
+* ``reads``: transactions, stages and runnable work.
+"""
+
+from tracking.store.intake import Intake
+from tracking.store.sql import MAX_CLAIM
+from tracking.store.tracker import Tracker
+
+__all__ = ["MAX_CLAIM", "Intake", "Tracker"]

@@ -1,0 +1,314 @@
+"""Claims and leases: reserving runnable stages for one run, starting attempts, keeping
+reservations alive, giving them back, and recovering the stages of dead runs.
+
+An attempt counts when it starts, not when it is reserved::
+
+    claim       PENDING|TERMINATED -> IN_PROGRESS, started_at NULL (reserved, attempt unchanged)
+    start       reserved -> started: attempt + 1, lease = now + lease_seconds (a stuck call
+                loses it then)
+    renew       a live run keeps its reservations' leases from expiring
+    release     reserved -> back to runnable with its attempts intact (a RELEASED event)
+    recover     an expired reservation is released; an expired started attempt is lost
+                (a LEASE_EXPIRED system error, see ``transitions.record_lost_attempt``)
+
+Finding work is one statement on ``ix_tx_stage_runnable`` (PostgreSQL ``FOR UPDATE SKIP
+LOCKED``; SQLite serialises writers with ``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from tracking.db import read_only
+from tracking.errors import LeaseLost
+from tracking.models import EventKind, StageState, TxProcess, TxStage, TxState
+from tracking.states import RUNNABLE_STAGE_STATES, released_state
+from tracking.store.sql import CHUNK, EVENT, RESERVED, STAGE, TX, check_limit, lock
+from tracking.store.transitions import record_lost_attempt
+
+EXPIRED_RESERVATION = "reservation expired before the attempt started (its run stopped)"
+
+_START_ATTEMPT = (
+    sa.update(STAGE)
+    .where(
+        STAGE.c.uuid == sa.bindparam("b_uuid"),
+        STAGE.c.platform == sa.bindparam("b_platform"),
+        STAGE.c.stage == sa.bindparam("b_stage"),
+        STAGE.c.lease_owner == sa.bindparam("b_owner"),
+        RESERVED,
+    )
+    .values(
+        attempt=STAGE.c.attempt + 1,
+        started_at=sa.bindparam("b_now"),
+        lease_expires_at=sa.bindparam("b_expires"),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(STAGE.c.attempt)
+)
+_TX_STARTED = sa.update(TX).where(
+    TX.c.uuid == sa.bindparam("b_uuid"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED])
+)
+
+
+def runnable(process_code: str, platform: str, stage: str, now: datetime) -> sa.Select[Any]:
+    """Ids of the due stages of one platform stage, oldest due first (an index range scan
+    on ix_tx_stage_runnable that stops after the caller's limit)."""
+    return (
+        sa.select(STAGE.c.id)
+        .where(
+            STAGE.c.process_code == process_code,
+            STAGE.c.platform == platform,
+            STAGE.c.stage == stage,
+            STAGE.c.next_attempt_at.is_not(None),
+            STAGE.c.next_attempt_at <= now,
+        )
+        .order_by(STAGE.c.next_attempt_at, STAGE.c.id)
+    )
+
+
+def claimable(process_code: str, platform: str, stage: str, owner: str, now: datetime,
+              uuid: str | None, limit: int) -> sa.Select[Any]:
+    """What ``claim`` may take: due, and not last tried by ``owner`` (an owner stands for one
+    run, so a failing stage is retried by a later run, never in a tight loop)."""
+    query = runnable(process_code, platform, stage, now).where(
+        sa.or_(STAGE.c.lease_owner.is_(None), STAGE.c.lease_owner != owner)
+    )
+    if uuid is not None:
+        query = query.where(STAGE.c.uuid == uuid)
+    return query.limit(limit)
+
+
+def one_open_stage(uuid: str, platform: str, stage: str) -> sa.Select[Any]:
+    """This stage, if it can be retried right away (Prefect's in-run retries)."""
+    return sa.select(STAGE.c.id).where(
+        STAGE.c.uuid == uuid,
+        STAGE.c.platform == platform,
+        STAGE.c.stage == stage,
+        STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)),
+        STAGE.c.next_attempt_at.is_not(None),
+    )
+
+
+def claim_where(
+    engine: Engine,
+    candidates: sa.Select[Any],
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+    release_first: list[Any] | None = None,
+) -> list[TxStage]:
+    """Reserve the ``candidates`` for ``owner``, with their transactions loaded; expired
+    reservations matching ``release_first`` are given back first, in the same transaction."""
+    if engine.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    claim = (
+        sa.update(STAGE)
+        .where(STAGE.c.id.in_(candidates.scalar_subquery()))
+        .where(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)))
+        .values(
+            state=StageState.IN_PROGRESS,
+            next_attempt_at=None,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=None,
+            updated_at=now,
+        )
+        .returning(*STAGE.c)
+    )
+    with engine.begin() as conn:
+        if release_first is not None:
+            release_in(conn, release_first, EXPIRED_RESERVATION, now, skip_locked=True)
+        rows = conn.execute(claim).all()
+        if not rows:
+            return []
+        uuids = [r.uuid for r in rows]
+        txs = {r.uuid: r for r in conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids)))}
+    stages = []
+    for row in sorted(rows, key=lambda r: r.id):
+        s = TxStage(**row._mapping)
+        s.transaction = TxProcess(**txs[row.uuid]._mapping)
+        stages.append(s)
+    return stages
+
+
+def extend_lease(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
+                 expires: datetime) -> datetime:
+    """Push back the lease of a long-running attempt (``LeaseLost`` if it was lost)."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            sa.update(STAGE)
+            .where(
+                STAGE.c.uuid == uuid,
+                STAGE.c.platform == platform,
+                STAGE.c.stage == stage,
+                STAGE.c.state == StageState.IN_PROGRESS,
+                STAGE.c.lease_owner == owner,
+            )
+            .values(lease_expires_at=expires)
+        ).rowcount
+    if not done:
+        raise LeaseLost(
+            f"stage {platform}.{stage} of transaction {uuid} is not claimed by {owner!r}"
+        )
+    return expires
+
+
+def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
+                  now: datetime, lease_seconds: float) -> int:
+    """Start the attempt of a reserved stage; its number, or ``LeaseLost``."""
+    params = {
+        "b_uuid": uuid, "b_platform": platform, "b_stage": stage, "b_owner": owner,
+        "b_now": now, "b_expires": now + timedelta(seconds=lease_seconds),
+    }
+    with engine.begin() as conn:
+        attempt = conn.execute(_START_ATTEMPT, params).scalar_one_or_none()
+        if attempt is not None:
+            conn.execute(_TX_STARTED, {"b_uuid": uuid, "state": TxState.IN_PROGRESS,
+                                       "updated_at": now})
+            return int(attempt)
+    raise LeaseLost(_why_not_reserved(engine, uuid, platform, stage, owner))
+
+
+def _why_not_reserved(engine: Engine, uuid: str, platform: str, stage: str, owner: str) -> str:
+    where = f"stage {platform}.{stage} of transaction {uuid}"
+    with read_only(engine) as conn:
+        row = conn.execute(
+            sa.select(STAGE.c.state, STAGE.c.lease_owner, STAGE.c.started_at).where(
+                STAGE.c.uuid == uuid, STAGE.c.platform == platform, STAGE.c.stage == stage
+            )
+        ).one_or_none()
+    if row is None:
+        return f"no {where}"
+    if row.state == StageState.IN_PROGRESS and row.lease_owner == owner:
+        return f"{where}: its attempt already started"
+    return (
+        f"{where} is no longer reserved by {owner!r} "
+        f"(state {StageState(row.state).value}, owner {row.lease_owner!r})"
+    )
+
+
+def renew(engine: Engine, process_code: str, owner: str, expires: datetime) -> int:
+    """Renew every not-yet-started reservation ``owner`` holds (one statement)."""
+    held: Any = sa.and_(
+        STAGE.c.process_code == process_code,
+        STAGE.c.lease_expires_at.is_not(None),
+        STAGE.c.lease_owner == owner,
+        RESERVED,
+    )
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # A row being started or released right now is renewed at the next beat;
+            # waiting for it could deadlock with that multi-row statement.
+            locked = sa.select(STAGE.c.id).where(held).with_for_update(skip_locked=True)
+            held = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), held)
+        return conn.execute(sa.update(STAGE).where(held).values(lease_expires_at=expires)).rowcount
+
+
+def held_by(process_code: str, owner: str) -> list[Any]:
+    """Conditions of the stages of a process that ``owner`` holds."""
+    return [
+        STAGE.c.process_code == process_code,
+        STAGE.c.lease_expires_at.is_not(None),
+        STAGE.c.lease_owner == owner,
+    ]
+
+
+def expired_leases(process_code: str, platforms: list[str] | None, now: datetime) -> list[Any]:
+    """Conditions of the stages of ``process_code`` whose lease expired (ix_tx_stage_lease)."""
+    where = [
+        STAGE.c.process_code == process_code,
+        STAGE.c.lease_expires_at.is_not(None),
+        STAGE.c.lease_expires_at <= now,
+        STAGE.c.state == StageState.IN_PROGRESS,
+    ]
+    if platforms:
+        where.append(STAGE.c.platform.in_(platforms))
+    return where
+
+
+def release(engine: Engine, where: list[Any], description: str, now: datetime, *,
+            uuids: Sequence[str] | None = None, skip_locked: bool = False) -> int:
+    """Give back the reserved stages matching ``where`` (of these transactions only, when
+    ``uuids`` is given), each in a transaction of at most 500 uuids."""
+    if uuids is None:
+        with engine.begin() as conn:
+            return release_in(conn, where, description, now, skip_locked=skip_locked)
+    released = 0
+    for i in range(0, len(uuids), CHUNK):
+        chunk = [*where, STAGE.c.uuid.in_(list(uuids[i : i + CHUNK]))]
+        with engine.begin() as conn:
+            released += release_in(conn, chunk, description, now, skip_locked=skip_locked)
+    return released
+
+
+def release_in(
+    conn: Connection, where: list[Any], description: str, now: datetime, *, skip_locked: bool
+) -> int:
+    """Reserved stages matching ``where`` back to runnable, with their RELEASED events.
+
+    ``skip_locked`` leaves rows another transaction holds (PostgreSQL) for a later call: a
+    claim that gives back expired reservations of other runs must not wait or deadlock.
+    """
+    matching: Any = sa.and_(*where, RESERVED)
+    if skip_locked and conn.dialect.name == "postgresql":
+        locked = sa.select(STAGE.c.id).where(matching).with_for_update(skip_locked=True)
+        matching = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), RESERVED)
+    released = (
+        sa.update(STAGE)
+        .where(matching)
+        .values(
+            state=sa.case(
+                (STAGE.c.error_code.is_(None), released_state(had_error=False).value),
+                else_=released_state(had_error=True).value,
+            ),
+            next_attempt_at=now,
+            # lease_owner stays: the releasing run is not handed the stage again.
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .returning(STAGE.c.id)
+    )
+    ids = conn.execute(released).scalars().all()
+    for i in range(0, len(ids), CHUNK):
+        conn.execute(_released_events(ids[i : i + CHUNK], description, now))
+    return len(ids)
+
+
+def _released_events(ids: Sequence[int], description: str, now: datetime) -> sa.Insert:
+    """The RELEASED events of these just-released stages (one INSERT ... SELECT)."""
+    source = (
+        sa.select(
+            STAGE.c.uuid, STAGE.c.process_code, sa.literal(EventKind.RELEASED.value),
+            STAGE.c.platform, STAGE.c.stage, STAGE.c.attempt, sa.literal(description),
+            sa.literal(StageState.IN_PROGRESS.value), STAGE.c.state, TX.c.state,
+            STAGE.c.lease_owner, sa.literal(now, type_=EVENT.c.created_at.type),
+        )
+        .join(TX, TX.c.uuid == STAGE.c.uuid)
+        .where(STAGE.c.id.in_(list(ids)))
+    )
+    columns = ["uuid", "process_code", "kind", "platform", "stage", "attempt", "description",
+               "from_state", "to_state", "tx_state", "actor", "created_at"]
+    return sa.insert(EVENT).from_select(columns, source)
+
+
+def recover_lost_attempts(engine: Engine, process_code: str, platforms: list[str] | None,
+                          limit: int, clock: Callable[[], datetime], rng: random.Random) -> int:
+    """Record the started attempts whose lease expired as lost (one transaction each)."""
+    now = clock()
+    query = sa.select(STAGE.c.uuid).where(
+        *expired_leases(process_code, platforms, now), STAGE.c.started_at.is_not(None)
+    )
+    with read_only(engine) as conn:
+        lost = conn.execute(query.limit(check_limit(limit, 100_000))).scalars().all()
+    recovered = 0
+    for uuid in lost:
+        with engine.begin() as conn:
+            stages, tx = lock(conn, uuid)
+            recovered += record_lost_attempt(conn, tx, stages, now, rng)
+    return recovered

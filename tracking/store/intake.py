@@ -1,0 +1,167 @@
+"""Intake: each item becomes a transaction with all its stages, unless it is a duplicate.
+
+One database transaction per batch; ``UNIQUE(process_code, fingerprint)`` with ``ON CONFLICT
+DO NOTHING`` makes concurrent submissions of the same item create one transaction.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_lib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from tracking.catalog import Process
+from tracking.models import EventKind, StageState, TxState
+from tracking.payloads import validate_payload, validate_source
+from tracking.store.sql import CHUNK, INSERT_EVENT, STAGE, TX, insert_for, policy_columns
+
+_SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
+    TX.c.process_code == sa.bindparam("b_process"),
+    TX.c.fingerprint.in_(sa.bindparam("b_fingerprints", expanding=True)),
+)
+_INSERT_STAGES = sa.insert(STAGE)
+_TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
+               "state", "created_at", "updated_at")
+# SQLAlchemy never caches a compiled ON CONFLICT insert; for the one-item path
+# (start_or_resume) the same SQL as text is compiled once and reused.
+_INSERT_ONE_TRANSACTION = (
+    sa.text(
+        f"INSERT INTO tx_process ({', '.join(_TX_COLUMNS)}) "
+        f"VALUES ({', '.join(':' + c for c in _TX_COLUMNS)}) "
+        "ON CONFLICT (process_code, fingerprint) DO NOTHING RETURNING fingerprint"
+    )
+    .bindparams(*(sa.bindparam(c, type_=TX.c[c].type) for c in _TX_COLUMNS))
+    .columns(TX.c.fingerprint)
+)
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What ``start_many`` did with one payload."""
+
+    uuid: str
+    is_new: bool
+
+
+def prepare(
+    process: Process, payloads: Sequence[Mapping[str, Any]]
+) -> list[tuple[dict[str, Any], str, str]]:
+    """Each payload validated, with its fingerprint and business key; one bad payload
+    rejects the batch with an error naming its index."""
+    prepared = []
+    for index, payload in enumerate(payloads):
+        try:
+            clean = validate_payload(payload)
+            prepared.append(
+                (clean, process.dedup.fingerprint(clean), process.dedup.business_key(clean))
+            )
+        except ValueError as exc:
+            prefix = f"payload #{index}: " if len(payloads) > 1 else ""
+            raise ValueError(f"{prefix}{exc}") from None
+    return prepared
+
+
+def start_many(
+    engine: Engine,
+    process: Process,
+    payloads: Sequence[Mapping[str, Any]],
+    source: str | None,
+    now: datetime,
+) -> list[Intake]:
+    """Create the transactions of ``payloads`` that do not exist yet (see ``Tracker``)."""
+    source = validate_source(source)
+    prepared = prepare(process, payloads)
+    if not prepared:
+        return []
+    new_rows: dict[str, dict[str, Any]] = {}
+    for payload, fp, key in prepared:
+        if fp not in new_rows:
+            new_rows[fp] = {
+                "uuid": str(uuid_lib.uuid4()),
+                "process_code": process.code,
+                "fingerprint": fp,
+                "business_key": key[:200],
+                "source": source,
+                "payload": payload,
+                "state": TxState.PENDING,
+                "created_at": now,
+                "updated_at": now,
+            }
+    with engine.begin() as conn:
+        rows = list(new_rows.values())
+        if len(rows) == 1:
+            inserted = conn.execute(_INSERT_ONE_TRANSACTION, rows[0])
+        else:
+            insert = insert_for(conn.dialect, TX).on_conflict_do_nothing(
+                index_elements=["process_code", "fingerprint"]
+            )
+            inserted = conn.execute(insert.returning(TX.c.fingerprint), rows)
+        created = {r.fingerprint for r in inserted}
+        duplicates = [fp for fp in new_rows if fp not in created]
+        existing = _uuids_by_fingerprint(conn, process.code, duplicates)
+        if created:
+            txs = [row for fp, row in new_rows.items() if fp in created]
+            _insert_stages(conn, process, txs, now)
+    results = []
+    for _, fp, _ in prepared:
+        if fp in created:
+            results.append(Intake(new_rows[fp]["uuid"], True))
+            created.discard(fp)  # a repeat of the item later in the batch is a duplicate
+            existing[fp] = new_rows[fp]["uuid"]
+        else:
+            results.append(Intake(existing[fp], False))
+    return results
+
+
+def _uuids_by_fingerprint(
+    conn: Connection, process_code: str, fingerprints: list[str]
+) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for i in range(0, len(fingerprints), CHUNK):
+        params = {"b_process": process_code, "b_fingerprints": fingerprints[i : i + CHUNK]}
+        found.update({r.fingerprint: r.uuid for r in conn.execute(_SELECT_FINGERPRINTS, params)})
+    return found
+
+
+def _insert_stages(
+    conn: Connection, process: Process, txs: list[dict[str, Any]], now: datetime
+) -> None:
+    plan = []
+    for planned in process.stage_plan():
+        policy = process.get_platform(planned.platform).retry
+        plan.append(
+            {
+                "process_code": process.code,
+                "platform": planned.platform,
+                "stage": planned.stage,
+                "seq": planned.seq,
+                "platform_order": planned.platform_order,
+                "state": StageState.PENDING,
+                "attempt": 0,
+                "attempts_allowed": policy.max_attempts,
+                **policy_columns(policy),
+                # Only the first stage is reachable; the others wait for it.
+                "next_attempt_at": now if planned.seq == 1 else None,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    stage_rows = [{"uuid": tx["uuid"], **stage} for tx in txs for stage in plan]
+    event_rows = [
+        {
+            "uuid": tx["uuid"],
+            "process_code": process.code,
+            "kind": EventKind.CREATED,
+            "tx_state": TxState.PENDING,
+            "description": f"created from {tx['source']}" if tx["source"] else "created",
+            "created_at": now,
+        }
+        for tx in txs
+    ]
+    conn.execute(_INSERT_STAGES, stage_rows)
+    conn.execute(INSERT_EVENT, event_rows)

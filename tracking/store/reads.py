@@ -1,0 +1,76 @@
+"""Reads: one transaction with its stages and audit trail, stages of many, runnable work.
+
+Read-only connections (``db.read_only``) never take SQLite's write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import selectinload
+from sqlmodel import Session, select
+
+from tracking.db import read_only
+from tracking.errors import TransactionNotFound
+from tracking.models import TxProcess, TxStage
+from tracking.store.sql import CHUNK, TX, check_uuid
+
+
+def process_of(engine: Engine, uuid: str) -> str:
+    """The process code of a transaction (``TransactionNotFound`` if there is none)."""
+    check_uuid(uuid)
+    with read_only(engine) as conn:
+        code = conn.execute(
+            sa.select(TX.c.process_code).where(TX.c.uuid == uuid)
+        ).scalar_one_or_none()
+    if code is None:
+        raise TransactionNotFound(f"no transaction {uuid!r}")
+    return code
+
+
+def get_transaction(engine: Engine, uuid: str) -> TxProcess:
+    """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
+    query = (
+        select(TxProcess)
+        .where(TxProcess.uuid == uuid)
+        .options(selectinload(TxProcess.stages), selectinload(TxProcess.events))  # type: ignore[arg-type]
+    )
+    with read_only(engine) as conn, Session(bind=conn) as session:
+        tx = session.exec(query).one_or_none()
+        if tx is None:
+            raise TransactionNotFound(f"no transaction {uuid!r}")
+        return tx
+
+
+def get_stages(engine: Engine, uuids: Sequence[str], platform: str, stage: str) -> list[TxStage]:
+    """One platform stage of each of these transactions, in the order of ``uuids`` (one
+    query per 500 uuids, on the unique index of uuid, platform and stage)."""
+    found: dict[str, TxStage] = {}
+    with read_only(engine) as conn, Session(bind=conn) as session:
+        for i in range(0, len(uuids), CHUNK):
+            query = select(TxStage).where(
+                TxStage.uuid.in_(list(uuids[i : i + CHUNK])),  # type: ignore[attr-defined]
+                TxStage.platform == platform,
+                TxStage.stage == stage,
+            )
+            found.update({s.uuid: s for s in session.exec(query)})
+    missing = [u for u in uuids if u not in found]
+    if missing:
+        raise TransactionNotFound(f"no stage {platform}.{stage} of transaction {missing[0]}")
+    return [found[u] for u in uuids]
+
+
+def get_pending_stages(engine: Engine, query: sa.Select[Any]) -> list[TxStage]:
+    """The stages whose ids ``query`` selects (a ``claims.runnable`` query), in its order."""
+    ids = query.subquery()
+    rows = (
+        select(TxStage)
+        .join(ids, TxStage.id == ids.c.id)  # type: ignore[arg-type]
+        .order_by(TxStage.next_attempt_at, TxStage.id)  # type: ignore[arg-type]
+    )
+    with read_only(engine) as conn, Session(bind=conn) as session:
+        return list(session.exec(rows).all())
+

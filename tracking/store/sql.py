@@ -1,0 +1,146 @@
+"""What the store's modules share: the tables, statements built once, locks and checks.
+
+The hot paths' statements are built once at import: SQLAlchemy then reuses their compiled
+form instead of rebuilding and re-hashing a statement on every call.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
+
+from tracking.errors import TransactionNotFound
+from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
+from tracking.policy import RetryPolicy
+from tracking.states import FINAL_TX_STATES
+
+TX = TxProcess.__table__
+STAGE = TxStage.__table__
+EVENT = TxEvent.__table__
+MAX_OWNER_LENGTH = 100
+MAX_CLAIM = 10_000  # most stages one claim may reserve
+CHUNK = 500  # ids per IN list
+
+INSERT_EVENT = sa.insert(EVENT)
+LOCK_STAGES = (
+    sa.select(STAGE)
+    .where(STAGE.c.uuid == sa.bindparam("b_uuid"))
+    .order_by(STAGE.c.seq)
+    .with_for_update()
+)
+LOCK_TX = sa.select(TX).where(TX.c.uuid == sa.bindparam("b_uuid")).with_for_update()
+# SET clauses come from the column names in the parameters of each call.
+UPDATE_STAGE = sa.update(STAGE).where(STAGE.c.id == sa.bindparam("b_id"))
+UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
+# A stage IN_PROGRESS is either reserved (no attempt started yet) or running an attempt.
+RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
+
+
+def insert_for(dialect: sa.Dialect, table: sa.Table) -> Any:
+    """An INSERT with the dialect's ON CONFLICT support (PostgreSQL or SQLite)."""
+    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
+    """Lock the transaction's stages, then the transaction (the global lock order, so
+    concurrent workers and operators cannot deadlock)."""
+    check_uuid(uuid)
+    stages = conn.execute(LOCK_STAGES, {"b_uuid": uuid}).all()
+    tx = conn.execute(LOCK_TX, {"b_uuid": uuid}).one_or_none()
+    if tx is None:
+        raise TransactionNotFound(f"no transaction {uuid!r}")
+    return stages, tx
+
+
+def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
+    """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
+    values: dict[str, Any] = {"state": state, "updated_at": now}
+    if state in FINAL_TX_STATES and tx.finished_at is None:
+        values["finished_at"] = now
+    elif state not in FINAL_TX_STATES:
+        values["finished_at"] = None
+    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, **values})
+
+
+def operator_event(
+    conn: Connection,
+    tx: Row[Any],
+    kind: EventKind,
+    description: str,
+    actor: str | None,
+    now: datetime,
+    to_state: TxState,
+) -> None:
+    """The audit event of an operator's action on a whole transaction."""
+    conn.execute(
+        INSERT_EVENT,
+        {
+            "uuid": tx.uuid,
+            "process_code": tx.process_code,
+            "kind": kind,
+            "description": description,
+            "from_state": TxState(tx.state).value,
+            "to_state": to_state.value,
+            "tx_state": to_state,
+            "actor": actor,
+            "created_at": now,
+        },
+    )
+
+
+def policy_columns(policy: RetryPolicy) -> dict[str, Any]:
+    """The stage columns that store the retry policy it runs under."""
+    return {
+        "retry_delay_seconds": policy.delay,
+        "retry_backoff": policy.backoff,
+        "retry_max_delay_seconds": policy.max_delay,
+        "retry_jitter_seconds": policy.jitter,
+    }
+
+
+def policy_of(row: Any) -> RetryPolicy:
+    """The retry policy a stage row runs under (its cap is ``attempts_allowed``)."""
+    return RetryPolicy(
+        delay=row.retry_delay_seconds,
+        backoff=row.retry_backoff,
+        max_delay=row.retry_max_delay_seconds,
+        jitter=row.retry_jitter_seconds,
+    )
+
+
+def label(row: Any) -> str:
+    return f"stage {row.platform}.{row.stage} of transaction {row.uuid}"
+
+
+def check_uuid(uuid: Any) -> str:
+    if not isinstance(uuid, str):
+        raise TransactionNotFound(f"transaction uuid must be a string, got {uuid!r}")
+    return uuid
+
+
+def check_limit(limit: Any, maximum: int = MAX_CLAIM) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise ValueError(f"limit must be an int from 1 to {maximum}, got {limit!r}")
+    return limit
+
+
+def check_seconds(seconds: Any, name: str = "lease_seconds") -> float:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise ValueError(f"{name} must be a number of seconds > 0, got {seconds!r}")
+    return float(seconds)
+
+
+def check_owner(owner: Any) -> str:
+    if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER_LENGTH:
+        raise ValueError(f"owner must be a non-empty string of at most {MAX_OWNER_LENGTH} chars")
+    return owner

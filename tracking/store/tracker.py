@@ -1,0 +1,305 @@
+"""``Tracker``: the public face of the store. Every state change goes through it.
+
+Example:
+    engine = connect("sqlite:///tracking.db", migrate=True)
+    tracker = Tracker(engine, processes=[process])
+    uuid, is_new = tracker.start_or_resume("CANCELLATION", {"request_id": "FE-1"})
+    for stage in tracker.claim("CANCELLATION", "A", owner="run-42"):
+        tracker.start_attempt(stage.uuid, "A", stage.stage, owner="run-42")
+        tracker.complete_stage(stage.uuid, "A", 0, owner="run-42")
+
+Each public method is one database transaction (or a few, each complete): the audit event and
+the transition it records commit together or not at all. Several workers may share a
+database: ``claim`` reserves each runnable stage for one worker only, and starts and
+completions are fenced by the claim's owner. The work is done by one module per concept:
+``catalog``, ``intake``, ``claims``, ``transitions`` and ``reads``; the rules they follow are
+declared in ``tracking.states``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from tracking.catalog import Platform, Process
+from tracking.errors import UnknownProcessError
+from tracking.models import EventKind, TxProcess, TxStage, utcnow
+from tracking.outcomes import ExecutionResult, to_result
+from tracking.store import catalog, claims, intake, reads, transitions
+from tracking.store.intake import Intake
+from tracking.store.sql import check_limit, check_owner, check_seconds, lock
+
+
+class Tracker:
+    """Tracks transactions of registered processes in the database behind ``engine``.
+
+    Args:
+        engine: from ``tracking.connect()``.
+        processes: processes to register right away.
+        clock: returns the current UTC time (tests pass a fake clock).
+        rng: random source for retry jitter.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        processes: Iterable[Process] = (),
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._processes: dict[str, Process] = {}
+        for process in processes:
+            self.register(process)
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def register(self, process: Process) -> Process:
+        """Make ``process`` known to this tracker and store its catalog in the database."""
+        if not isinstance(process, Process):
+            raise TypeError(f"expected a Process, got {process!r}")
+        if not process.platforms:
+            raise ValueError(f"process {process.code!r} has no platforms")
+        catalog.register(self.engine, process, self.clock())
+        self._processes[process.code] = process
+        return process
+
+    @property
+    def processes(self) -> list[Process]:
+        return list(self._processes.values())
+
+    def process(self, code: str) -> Process:
+        """The registered process with this code (``UnknownProcessError`` otherwise)."""
+        try:
+            return self._processes[code]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self._processes)) or "none"
+            raise UnknownProcessError(f"unknown process {code!r} (registered: {known})") from None
+
+    def _platform_stage(self, process_code: str, platform: str, stage: str | None
+                        ) -> tuple[Process, Platform, str]:
+        process = self.process(process_code)
+        p = process.get_platform(platform)
+        return process, p, p.resolve_stage(stage)
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def start_or_resume(
+        self, process_code: str, payload: Mapping[str, Any], *, source: str | None = None
+    ) -> tuple[str, bool]:
+        """Create the transaction for ``payload`` with all its stages, unless it exists.
+
+        Returns ``(uuid, is_new)``; a duplicate (same dedup fingerprint) returns the existing
+        transaction's uuid with ``is_new=False`` and changes nothing.
+        """
+        (result,) = self.start_many(process_code, [payload], source=source)
+        return result.uuid, result.is_new
+
+    def start_many(
+        self, process_code: str, payloads: Sequence[Mapping[str, Any]], *,
+        source: str | None = None,
+    ) -> list[Intake]:
+        """Bulk ``start_or_resume``: one database transaction for the whole batch.
+
+        Every payload is validated (``tracking.payloads``) before anything is written; one
+        bad payload rejects the batch with an error naming its index.
+        """
+        process = self.process(process_code)
+        return intake.start_many(self.engine, process, payloads, source, self.clock())
+
+    # -- finding and claiming work ---------------------------------------------------------
+
+    def get_pending_stages(
+        self, process_code: str, platform: str, stage: str | None = None, *,
+        limit: int | None = None,
+    ) -> list[TxStage]:
+        """Runnable stages of one platform stage, oldest due first (read-only, one query)."""
+        _, p, stage = self._platform_stage(process_code, platform, stage)
+        query = claims.runnable(process_code, p.code, stage, self.clock())
+        if limit is not None:
+            query = query.limit(check_limit(limit))
+        return reads.get_pending_stages(self.engine, query)
+
+    def claim(
+        self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
+        limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
+    ) -> list[TxStage]:
+        """Reserve up to ``limit`` runnable stages for ``owner``.
+
+        The claimed stages are IN_PROGRESS (reserved), their ``transaction`` (payload,
+        business key) loaded; their attempt counter is unchanged until ``start_attempt``
+        (or ``complete_stage``) says the attempt began. No other worker can claim them until
+        ``lease_seconds`` pass; a run that holds them longer calls ``renew_reservations``.
+        An expired reservation goes back to runnable with its attempts intact.
+
+        An owner stands for one run: it is never handed a stage whose last attempt it made
+        itself, so a failing stage is retried by a later run (or by an in-run retry through
+        ``claim_stage``), never in a tight loop. ``uuid`` limits the claim to one transaction.
+        """
+        _, p, stage = self._platform_stage(process_code, platform, stage)
+        limit, owner = check_limit(limit), check_owner(owner)
+        lease_seconds = check_seconds(lease_seconds)
+        # Stages of dead workers first: their lost attempts are recorded (one indexed query
+        # when there are none), and their expired reservations given back in the claim's own
+        # transaction, so this claim can take them.
+        claims.recover_lost_attempts(self.engine, process_code, [p.code], 1000, self.clock,
+                                     self.rng)
+        now = self.clock()
+        candidates = claims.claimable(process_code, p.code, stage, owner, now, uuid, limit)
+        expired = claims.expired_leases(process_code, [p.code], now)
+        return claims.claim_where(self.engine, candidates, owner, lease_seconds, now, expired)
+
+    def claim_stage(
+        self, uuid: str, platform: str, stage: str | None = None, *, owner: str,
+        lease_seconds: float = 1800,
+    ) -> TxStage | None:
+        """Claim this one stage for an immediate retry, even if its next attempt is not due.
+
+        Used for Prefect's in-run retries. Returns None when the stage cannot run now
+        (finished, exhausted, cancelled, or claimed by another worker).
+        """
+        _, p, stage = self._platform_stage(reads.process_of(self.engine, uuid), platform, stage)
+        owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
+        candidate = claims.one_open_stage(uuid, p.code, stage)
+        claimed = claims.claim_where(self.engine, candidate, owner, lease_seconds, self.clock())
+        return claimed[0] if claimed else None
+
+    def extend_lease(
+        self, uuid: str, platform: str, stage: str | None = None, *, owner: str, seconds: float
+    ) -> datetime:
+        """Push back the lease of a long-running attempt (``LeaseLost`` if it was lost)."""
+        _, p, stage = self._platform_stage(reads.process_of(self.engine, uuid), platform, stage)
+        expires = self.clock() + timedelta(seconds=seconds)
+        return claims.extend_lease(self.engine, uuid, p.code, stage, owner, expires)
+
+    def start_attempt(
+        self, uuid: str, platform: str, stage: str, *, owner: str, lease_seconds: float = 1800
+    ) -> int:
+        """Start the attempt of a stage ``owner`` has reserved; returns the attempt number.
+
+        Call it right before the platform is called: the attempt counts from now, and the
+        lease now runs ``lease_seconds`` from now and is not renewed (a call stuck past it
+        loses the stage). Raises ``LeaseLost`` when the reservation is gone (it expired and was
+        released or taken over, or an operator cancelled the transaction): then do not call
+        the platform.
+        """
+        owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
+        for name, value in (("uuid", uuid), ("platform", platform), ("stage", stage)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        return claims.start_attempt(self.engine, uuid, platform, stage, owner, self.clock(),
+                                    lease_seconds)
+
+    def renew_reservations(self, process_code: str, *, owner: str, seconds: float) -> int:
+        """Keep the reservations of a live run from expiring: each not-yet-started stage that
+        ``owner`` holds is reserved for ``seconds`` from now (one statement). Started
+        attempts keep their own lease. Returns how many were renewed."""
+        owner = check_owner(owner)
+        expires = self.clock() + timedelta(seconds=check_seconds(seconds))
+        return claims.renew(self.engine, process_code, owner, expires)
+
+    def release(
+        self, process_code: str, *, owner: str, uuids: Sequence[str] | None = None,
+        reason: str = "the run stopped before starting it",
+    ) -> int:
+        """Give back what ``owner`` reserved but has not started (all of it, or only the
+        stages of these transactions): runnable again now, attempts intact, a RELEASED event
+        each. Started attempts are left alone. Returns how many stages were released."""
+        owner = check_owner(owner)
+        if uuids is not None and (
+            isinstance(uuids, str) or not all(isinstance(u, str) for u in uuids)
+        ):
+            raise ValueError(f"uuids must be a list of transaction uuids, got {uuids!r}")
+        return claims.release(self.engine, claims.held_by(process_code, owner),
+                              f"released by {owner}: {reason}", self.clock(), uuids=uuids)
+
+    def recover_expired_leases(
+        self, process_code: str, platform: str | None = None, *, limit: int = 1000
+    ) -> int:
+        """Make the stages of dead workers runnable again.
+
+        An expired reservation (never started) is released with its attempts intact (a
+        RELEASED event). An expired started attempt counts as lost: a LEASE_EXPIRED event (a
+        system error, code -1), then TERMINATED (due per the retry policy) or EXHAUSTED.
+        Returns how many stages were recovered.
+        """
+        process = self.process(process_code)
+        codes = [process.get_platform(platform).code] if platform else None
+        expired = claims.expired_leases(process_code, codes, self.clock())
+        released = claims.release(self.engine, expired, claims.EXPIRED_RESERVATION,
+                                  self.clock(), skip_locked=True)
+        return released + claims.recover_lost_attempts(self.engine, process_code, codes, limit,
+                                                       self.clock, self.rng)
+
+    # -- recording attempts ----------------------------------------------------------------
+
+    def complete_stage(
+        self, uuid: str, platform: str, result: ExecutionResult | int, *,
+        stage: str | None = None, owner: str | None = None, flow_run_id: str | None = None,
+        task_run_id: str | None = None,
+    ) -> TxStage:
+        """Record an attempt's result and move the stage and transaction on.
+
+        ``result`` is an ``ExecutionResult`` or a plain int error code. Without ``owner`` the
+        stage must be runnable and unclaimed (an attempt is counted now); with ``owner`` it
+        must be claimed by that owner (``LeaseLost`` otherwise: a stale worker never
+        overwrites an attempt that was taken over). Works for any process in the database:
+        the stage carries the retry policy it runs under.
+        """
+        result = to_result(result)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            stages, tx = lock(conn, uuid)
+            row = transitions.find_stage(stages, uuid, platform, stage)
+            transitions.check_can_complete(row, owner, now)
+            return transitions.apply(
+                conn, tx, stages, row, result, now, self.rng, kind=EventKind.ATTEMPT,
+                actor=owner, flow_run_id=flow_run_id, task_run_id=task_run_id,
+            )
+
+    # -- operator actions ------------------------------------------------------------------
+
+    def cancel(self, uuid: str, *, reason: str, actor: str | None = None) -> TxProcess:
+        """Cancel a transaction that is not final: its open stages become CANCELLED.
+
+        A stage that is running right now finishes its attempt (it is recorded), but nothing
+        runs after it; a stage reserved but not started is cancelled (its run skips it).
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("cancel needs a reason")
+        with self.engine.begin() as conn:
+            _, tx = lock(conn, uuid)
+            transitions.cancel(conn, tx, reason, actor, self.clock())
+        return self.get_transaction(uuid)
+
+    def requeue(
+        self, uuid: str, *, actor: str | None = None, reason: str | None = None
+    ) -> TxProcess:
+        """Give a stopped transaction another go from its first unfinished stage.
+
+        Allowed for EXHAUSTED, TERMINATED, REJECTED and CANCELLED transactions
+        (``tracking.states.REQUEUABLE_TX_STATES``): the stage that stopped (and every later
+        one) is PENDING again with a fresh set of attempts per the platform's current retry
+        policy (the catalog's), due now. Completed stages are kept.
+        """
+        with self.engine.begin() as conn:
+            stages, tx = lock(conn, uuid)
+            transitions.requeue(conn, tx, stages, reason or "requeued", actor, self.clock())
+        return self.get_transaction(uuid)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get_stages(self, uuids: Sequence[str], platform: str, stage: str) -> list[TxStage]:
+        """One platform stage of each of these transactions, in the order of ``uuids``."""
+        return reads.get_stages(self.engine, uuids, platform, stage)
+
+    def get_transaction(self, uuid: str) -> TxProcess:
+        """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
+        return reads.get_transaction(self.engine, uuid)
