@@ -911,6 +911,74 @@ def test_openapi_marks_the_operations_that_need_the_key(make_client):
     assert "security" not in spec["paths"]["/health"]["get"]
 
 
+def _secured(spec: dict[str, Any]) -> dict[str, bool]:
+    """``"METHOD path" -> whether the operation declares the ApiKey scheme``."""
+    return {
+        f"{method.upper()} {path}": operation.get("security") == [{"ApiKey": []}]
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def test_openapi_declares_the_api_key_header_scheme_on_the_writes(make_client):
+    """The scheme is FastAPI's APIKeyHeader: on every write; on reads only when they need it."""
+    spec = make_client(api_key="s3cret").get("/openapi.json").json()
+    scheme = spec["components"]["securitySchemes"]["ApiKey"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+    secured = _secured(spec)
+    assert len(secured) == 11
+    assert {op for op, needs in secured.items() if needs} == {
+        "POST /transactions", "POST /transactions/{uuid}/process",
+        "POST /transactions/{uuid}/cancel", "POST /transactions/{uuid}/requeue",
+    }
+
+    spec = make_client(api_key="s3cret", api_key_for_reads=True).get("/openapi.json").json()
+    assert {op for op, needs in _secured(spec).items() if not needs} == {"GET /health"}
+
+    spec = make_client().get("/openapi.json").json()  # no key: nothing to declare
+    assert "securitySchemes" not in spec.get("components", {})
+    assert not any(_secured(spec).values())
+
+
+def test_the_key_is_checked_before_the_body_is_validated(make_client, tracker):
+    client = make_client(api_key="s3cret")
+    missing = assert_error(client.post("/transactions", json={"payload": 1}), 401, "UNAUTHORIZED")
+    assert missing["error"]["message"] == "X-API-Key header required"
+    wrong = client.post("/transactions", json={"process": "NOPE", "payload": {}},
+                        headers={"X-API-Key": "s3cre"})
+    assert assert_error(wrong, 401, "UNAUTHORIZED")["error"]["message"] == (
+        "missing or wrong X-API-Key header"
+    )
+    assert wrong.headers["www-authenticate"] == "ApiKey"
+    assert_error(client.post("/transactions/nope/requeue", json={"reason": 1}), 401,
+                 "UNAUTHORIZED")
+    assert tx_count(tracker) == 0
+
+
+def test_settings_read_at_startup_decide_which_routes_need_the_key(
+    tracker, db_url, monkeypatch
+):
+    """create_app() without settings (uvicorn tracking.api:app) wires the key at startup,
+    and again at a later startup whose settings change it."""
+    monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
+    monkeypatch.setenv("TRACKING_API_KEY", "s3cret")
+    monkeypatch.setenv("TRACKING_API_KEY_FOR_READS", "false")
+    app = create_app(tracker=tracker, process_runner=fake_runner(tracker))
+    body = {"process": P, "payload": {"request_id": "AT-START"}}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert_error(client.post("/transactions", json=body), 401, "UNAUTHORIZED")
+        assert client.get("/transactions").status_code == 200
+        assert not _secured(client.get("/openapi.json").json())["GET /transactions"]
+    monkeypatch.setenv("TRACKING_API_KEY_FOR_READS", "true")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert_error(client.get("/transactions"), 401, "UNAUTHORIZED")
+        assert client.get("/health").status_code == 200
+        assert _secured(client.get("/openapi.json").json())["GET /transactions"]
+        ok = client.post("/transactions", json=body, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 201
+    assert tx_count(tracker) == 1
+
+
 def test_openapi_lists_every_endpoint_and_the_process_codes(client):
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) == {

@@ -92,6 +92,25 @@ def test_text_from_the_database_is_escaped(engine):
     assert "<script" not in html and "<i>T</i>" not in html and "&lt;i&gt;T&lt;/i&gt;" in html
 
 
+def test_business_keys_and_errors_of_waiting_items_are_escaped(engine):
+    """The aging table shows the business key and the last error: both escaped, never markup."""
+    clock = FakeClock()
+    tracker = Tracker(engine, [process], clock=clock)
+    uuid, _ = tracker.start_or_resume("CANCELLATION", {"request_id": "<b>K&1</b>'\""})
+    tracker.complete_stage(uuid, "A", ExecutionResult(0))
+    tracker.complete_stage(uuid, "B", ExecutionResult(-2, '<img src=x onerror="a&b">'),
+                           stage="process")
+    start, end = clock.now - timedelta(hours=1), clock.now + timedelta(hours=1)
+    html = render_html(Reports(engine), start, end, now=clock.now)
+    assert "<td>&lt;b&gt;K&amp;1&lt;/b&gt;&#x27;&quot;</td>" in html  # business key (aging)
+    assert "-2: &lt;img src=x onerror=&quot;a&amp;b&quot;&gt;" in html  # its last error
+    assert "&lt;img src=x onerror=&quot;a&amp;b&quot;&gt;</td>" in html  # top errors
+    assert "<b>" not in html and "<img" not in html
+    filtered = render_html(Reports(engine), start, end, "<p>", now=clock.now)
+    assert "&lt;p&gt; &middot; transactions created" in filtered  # the process filter
+    assert "<p>" not in filtered
+
+
 # -- the PNG check itself ------------------------------------------------------------------------
 
 

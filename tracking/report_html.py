@@ -2,7 +2,10 @@
 
 It shows the window's totals, a bar chart of stage outcomes per platform, a chart of
 transactions finished per hour, the top errors, the oldest waiting items and attempt
-durations. Everything comes from ``Reports``; the charts are SVG drawn here.
+durations. Everything comes from ``Reports``. The page is the Jinja2 template
+``tracking/templates/report.html.j2`` (autoescaped, with its tables in ``tables.html.j2`` and
+its CSS in ``report.css``); the SVG charts are drawn here, their text escaped, and passed to
+it as ``Markup``.
 
 Example:
     from tracking import Reports, connect
@@ -14,12 +17,16 @@ or ``tracking report html --out report.html``.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import jinja2
+from markupsafe import Markup
 
 from tracking.models import StageState, TxState, utcnow
 from tracking.reports import (
@@ -103,56 +110,59 @@ def render_html(
 
 
 def page(data: ReportData) -> str:
-    """Lay out a ``ReportData`` as HTML."""
-    scope = html.escape(data.process or "all processes")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(data.title)}: {scope}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<header>
-  <h1>{html.escape(data.title)}</h1>
-  <p class="sub">{scope} &middot; transactions created {_when(data.start)} to {_when(data.end)}
-  UTC &middot; generated {_when(data.generated_at)} UTC</p>
-</header>
-{_kpis(data.by_state)}
-<section>
-  <h2>Stage outcomes per platform</h2>
-  {platform_chart(data.stages)}
-</section>
-<section>
-  <h2>{_throughput_title(data.throughput)}</h2>
-  {throughput_chart(_chart_buckets(data.throughput))}
-</section>
-<div class="two">
-<section>
-  <h2>Top errors</h2>
-  {_errors_table(data.errors)}
-</section>
-<section>
-  <h2>Attempt durations</h2>
-  {_durations_table(data.durations)}
-</section>
-</div>
-<section>
-  <h2>Oldest waiting transactions</h2>
-  {_aging_table(data.aging)}
-</section>
-<footer>prefect-tracking &middot; the same numbers are in the SQL views
-v_transaction_summary, v_stage_summary, v_error_summary, v_pending_aging</footer>
-</body>
-</html>
-"""
+    """Lay out a ``ReportData`` as HTML (the template ``templates/report.html.j2``)."""
+    return _template().render(
+        title=data.title,
+        scope=data.process or "all processes",
+        start=data.start,
+        end=data.end,
+        generated_at=data.generated_at,
+        kpis=_kpis(data.by_state),
+        platform_chart=platform_chart(data.stages),
+        throughput_unit="day" if len(data.throughput) > MAX_BARS else "hour",
+        completed=sum(r.completed for r in data.throughput),
+        throughput_chart=throughput_chart(_chart_buckets(data.throughput)),
+        errors=_rows([e.platform, e.error_code, e.count, e.description, e.last_seen]
+                     for e in data.errors),
+        durations=_rows([d.platform, d.attempts, d.mean_seconds, d.p95_seconds, d.max_seconds]
+                        for d in data.durations),
+        aging=_rows([i.business_key, f"{i.platform}.{i.stage}", i.state, i.attempts,
+                     f"{i.error_code}: {i.error_description or ''}" if i.error_code else "",
+                     i.created_at, _duration(i.age_seconds)] for i in data.aging),
+    )
+
+
+def _escape(value: Any) -> Markup:
+    """What every ``{{ ... }}`` prints: ``html.escape`` of it, unless it is ``Markup``.
+
+    Autoescape would escape it anyway; this keeps the entities ``html.escape`` writes
+    (``&quot;``, ``&#x27;``) where markupsafe writes ``&#34;``, ``&#39;``.
+    """
+    return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("tracking", "templates"),
+        autoescape=True,
+        finalize=_escape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["num"] = lambda value: f"{value:,}"
+    env.filters["when"] = _when
+    env.tests["datetime"] = lambda value: isinstance(value, datetime)
+    env.globals["colours"] = COLOURS
+    return env.get_template("report.html.j2")
 
 
 # -- totals ----------------------------------------------------------------------------------
 
 
-def _kpis(by_state: Sequence[StateCount]) -> str:
+def _kpis(by_state: Sequence[StateCount]) -> list[dict[str, Any]]:
     counts = {r.state: r.count for r in by_state}
     total = sum(counts.values())
     finished = sum(counts.get(s, 0) for s in (TxState.COMPLETED, TxState.REJECTED,
@@ -170,18 +180,14 @@ def _kpis(by_state: Sequence[StateCount]) -> str:
         ("Waiting", waiting, COLOURS["IN_PROGRESS"], "pending or retrying"),
         ("Cancelled", counts.get(TxState.CANCELLED, 0), COLOURS["CANCELLED"], "by operators"),
     ]
-    items = "".join(
-        f'<div class="kpi" style="border-top-color:{colour}"><div class="label">{label}</div>'
-        f'<div class="value">{value:,}</div><div class="note">{note}</div></div>'
-        for label, value, colour, note in cards
-    )
-    return f'<div class="kpis">{items}</div>'
+    return [dict(label=label, value=value, colour=colour, note=note)
+            for label, value, colour, note in cards]
 
 
 # -- charts ------------------------------------------------------------------------------------
 
 
-def platform_chart(stages: Sequence[PlatformStateCount]) -> str:
+def platform_chart(stages: Sequence[PlatformStateCount]) -> Markup:
     """A horizontal stacked bar per platform: its stages by state."""
     platforms = list(dict.fromkeys(r.platform for r in stages))
     if not platforms:
@@ -217,7 +223,7 @@ def platform_chart(stages: Sequence[PlatformStateCount]) -> str:
     return _svg(height, parts, "Stage outcomes per platform")
 
 
-def throughput_chart(rows: Sequence[tuple[datetime, dict[str, int]]]) -> str:
+def throughput_chart(rows: Sequence[tuple[datetime, dict[str, int]]]) -> Markup:
     """Stacked bars of finished transactions per time bucket (completed at the bottom)."""
     if not rows:
         return _empty("The window is empty.")
@@ -277,12 +283,6 @@ def _chart_buckets(rows: Sequence[HourlyThroughput]) -> list[tuple[datetime, dic
     return list(buckets.items())
 
 
-def _throughput_title(rows: Sequence[HourlyThroughput]) -> str:
-    unit = "day" if len(rows) > MAX_BARS else "hour"
-    total = sum(r.completed for r in rows)
-    return f"Transactions finished per {unit} (UTC) &middot; {total:,} completed"
-
-
 def _bucket_label(when: datetime, daily: bool) -> str:
     return when.strftime("%Y-%m-%d") if daily else when.strftime("%Y-%m-%d %H:00")
 
@@ -319,66 +319,22 @@ def _text(x: float, y: float, text: str, *, anchor: str = "start", cls: str = ""
             f'{html.escape(text)}</text>')
 
 
-def _svg(height: int, parts: Sequence[str], label: str) -> str:
-    return (f'<svg viewBox="0 0 {CHART_WIDTH} {height}" role="img" '
-            f'aria-label="{html.escape(label)}">'
-            + "".join(parts) + "</svg>")
+def _svg(height: int, parts: Sequence[str], label: str) -> Markup:
+    """The chart; its text was escaped by ``_text`` and ``html.escape``, so it is Markup."""
+    return Markup(f'<svg viewBox="0 0 {CHART_WIDTH} {height}" role="img" '
+                  f'aria-label="{html.escape(label)}">' + "".join(parts) + "</svg>")
 
 
-def _empty(message: str) -> str:
-    return f'<p class="muted">{html.escape(message)}</p>'
+def _empty(message: str) -> Markup:
+    return Markup(f'<p class="muted">{html.escape(message)}</p>')
 
 
 # -- tables ------------------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) -> str:
-    if not rows:
-        return _empty(empty)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f'<td class="num">{value:,}</td>'
-    if isinstance(value, datetime):
-        return f'<td class="time">{_when(value)}</td>'
-    text = "" if value is None else str(getattr(value, "value", value))
-    if text in COLOURS:
-        return f'<td><span class="pill" style="background:{COLOURS[text]}">{text}</span></td>'
-    return f"<td>{html.escape(text)}</td>"
-
-
-def _errors_table(errors: Sequence[ErrorCount]) -> str:
-    return _table(
-        ["Platform", "Code", "Count", "Description", "Last seen"],
-        [[e.platform, e.error_code, e.count, e.description or "", e.last_seen]
-         for e in errors],
-        "No errors in this window.",
-    )
-
-
-def _durations_table(durations: Sequence[StageDuration]) -> str:
-    return _table(
-        ["Platform", "Attempts", "Mean (s)", "p95 (s)", "Max (s)"],
-        [[d.platform, d.attempts, d.mean_seconds, d.p95_seconds, d.max_seconds]
-         for d in durations],
-        "No attempts in this window.",
-    )
-
-
-def _aging_table(items: Sequence[AgingItem]) -> str:
-    return _table(
-        ["Business key", "Waiting at", "State", "Tries", "Last error", "Created", "Waiting for"],
-        [[i.business_key, f"{i.platform}.{i.stage}", i.state, i.attempts,
-          f"{i.error_code}: {i.error_description or ''}" if i.error_code else "",
-          i.created_at, _duration(i.age_seconds)] for i in items],
-        "Nothing is waiting.",
-    )
+def _rows(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """Table rows for the template: enums as their value, None as an empty cell."""
+    return [["" if v is None else getattr(v, "value", v) for v in row] for row in rows]
 
 
 def _when(value: datetime) -> str:
@@ -392,47 +348,3 @@ def _duration(seconds: float) -> str:
     hours = minutes // 60
     return f"{hours} h {minutes % 60:02d} min" if hours < 48 else f"{hours // 24} days"
 
-
-CSS = """
-:root { color-scheme: light; }
-* { box-sizing: border-box; }
-body { margin: 0 auto; max-width: 1040px; padding: 28px 32px 40px; background: #f1f5f9;
-  color: #0f172a; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
-  "Helvetica Neue", Arial, sans-serif; }
-header h1 { margin: 0; font-size: 26px; letter-spacing: -0.01em; }
-.sub { margin: 4px 0 20px; color: #475569; }
-h2 { margin: 0 0 12px; font-size: 16px; }
-section { background: #fff; border-radius: 10px; padding: 18px 20px; margin-bottom: 18px;
-  box-shadow: 0 1px 2px rgba(15, 23, 42, .08); }
-.kpis { display: grid; grid-template-columns: repeat(6, 1fr); gap: 12px; margin-bottom: 18px; }
-.kpi { background: #fff; border-radius: 10px; padding: 12px 14px; border-top: 4px solid;
-  box-shadow: 0 1px 2px rgba(15, 23, 42, .08); }
-.kpi .label { color: #475569; font-size: 12px; text-transform: uppercase;
-  letter-spacing: .04em; }
-.kpi .value { font-size: 28px; font-weight: 650; margin: 2px 0; }
-.kpi .note { color: #64748b; font-size: 12px; }
-.two { display: grid; grid-template-columns: 3fr 2fr; gap: 18px; }
-.two section { margin-bottom: 18px; }
-svg { width: 100%; height: auto; display: block; }
-svg text { font-size: 13px; fill: #0f172a; }
-svg .label { font-weight: 600; }
-svg .in-bar { fill: #fff; font-size: 12px; font-weight: 600; }
-svg .total { fill: #334155; font-weight: 600; }
-svg .axis, svg .legend { fill: #475569; font-size: 12px; }
-svg .muted { fill: #94a3b8; font-size: 15px; }
-svg .grid { stroke: #e2e8f0; stroke-width: 1; }
-svg .base { stroke: #94a3b8; stroke-width: 1; }
-table { width: 100%; border-collapse: collapse; font-size: 13px; }
-th { text-align: left; color: #475569; font-weight: 600; border-bottom: 2px solid #e2e8f0;
-  padding: 6px 8px; }
-td { border-bottom: 1px solid #f1f5f9; padding: 6px 8px; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.time { white-space: nowrap; color: #475569; }
-th { white-space: nowrap; }
-.pill { color: #fff; border-radius: 999px; padding: 1px 8px; font-size: 11px;
-  font-weight: 600; }
-.muted { color: #94a3b8; }
-footer { color: #94a3b8; font-size: 12px; text-align: center; margin-top: 8px; }
-@media (max-width: 800px) { .kpis { grid-template-columns: repeat(3, 1fr); }
-  .two { grid-template-columns: 1fr; } }
-"""

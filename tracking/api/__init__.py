@@ -15,6 +15,7 @@ See README.md, section "HTTP API", for the endpoints.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,8 +27,9 @@ from fastapi.openapi.utils import get_openapi
 from tracking import __version__
 from tracking.api.errors import ApiError, install_handlers
 from tracking.api.logs import configure_logging
-from tracking.api.middleware import OPEN_PATHS, RequestMiddleware
-from tracking.api.routes import router
+from tracking.api.middleware import RequestMiddleware
+from tracking.api.routes import open_router, read_router, write_router
+from tracking.api.security import ApiKey, settings_of
 from tracking.api.service import (
     ApiService,
     DeploymentRunner,
@@ -98,6 +100,7 @@ def create_app(
             runners = _on_temporary_server(server, t, *runners)
         app.state.settings = s
         app.state.service = ApiService(s, t, *runners)
+        _include_routes(app, s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,19 +126,38 @@ def create_app(
     )
     app.state.settings = settings
     app.state.service = None
-    if settings is not None and tracker is not None:
-        start(app, settings, tracker)  # usable without running the lifespan
-
-    def current_settings() -> Settings:
-        if app.state.settings is None:
-            raise ApiError(503, "SERVICE_STARTING", "the service is not started yet")
-        return app.state.settings
+    app.state.key_wiring = None
+    app.state.api_routes = []
+    if settings is not None:
+        _include_routes(app, settings)  # else at startup, once the settings are read
+        if tracker is not None:
+            start(app, settings, tracker)  # usable without running the lifespan
 
     install_handlers(app)
-    app.add_middleware(RequestMiddleware, get_settings=current_settings)
-    app.include_router(router)
+    app.add_middleware(RequestMiddleware, get_settings=functools.partial(settings_of, app))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _include_routes(app: FastAPI, settings: Settings) -> None:
+    """Include the endpoints, with the API key check (``security.ApiKey``) on the writes
+    when a key is set and on the reads too with ``api_key_for_reads`` (``/health`` never).
+
+    The OpenAPI document follows from the routes: the ``ApiKey`` scheme on exactly the
+    operations that need it. Done when the settings are known; again only if a new startup
+    brings settings that change which routes need the key.
+    """
+    wiring = (bool(settings.api_key), bool(settings.api_key and settings.api_key_for_reads))
+    if app.state.key_wiring == wiring:
+        return
+    app.router.routes[:] = [r for r in app.router.routes if r not in app.state.api_routes]
+    before = len(app.router.routes)
+    app.include_router(open_router)
+    app.include_router(read_router, dependencies=[ApiKey] if wiring[1] else None)
+    app.include_router(write_router, dependencies=[ApiKey] if wiring[0] else None)
+    app.state.api_routes = app.router.routes[before:]
+    app.state.key_wiring = wiring
+    app.openapi_schema = None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -159,15 +181,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             }
             for i, p in enumerate(processes, 1)
         ]
-    settings: Settings | None = app.state.settings
-    if settings is not None and settings.api_key:
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-        for path, operations in schema["paths"].items():
-            for method, operation in operations.items():
-                is_read = method in ("get", "head", "options")
-                if path not in OPEN_PATHS and (not is_read or settings.api_key_for_reads):
-                    operation["security"] = [{"ApiKey": []}]
     if service is not None:
         app.openapi_schema = schema
     return schema

@@ -1,22 +1,22 @@
-"""The request middleware: request id, access log, API key, body size, last-resort 500.
+"""The request middleware: request id, access log, body size, last-resort 500.
 
 It is plain ASGI (no ``BaseHTTPMiddleware``), the outermost layer inside Starlette's own
 error middleware, and does for every HTTP request, in this order:
 
 1. takes ``X-Request-ID`` (echoed when safe, a UUID4 otherwise), sets it in the logging
    context and on the response;
-2. checks ``X-API-Key`` when a key is configured: always for writes, for reads when
-   ``api_key_for_reads`` is set (``/health`` and the docs stay open), in constant time;
-3. reads the body of writes up front, refusing more than ``api_max_body_bytes`` (413, from
+2. reads the body of writes up front, refusing more than ``api_max_body_bytes`` (413, from
    ``Content-Length`` or from the bytes actually received);
-4. turns any exception that escapes the app into a 500 ``INTERNAL_ERROR`` envelope (the
+3. turns any exception that escapes the app into a 500 ``INTERNAL_ERROR`` envelope (the
    traceback goes to the log, never to the client);
-5. logs one line: method, path, status, duration_ms (and the request id).
+4. logs one line: method, path, status, duration_ms (and the request id).
+
+The ``X-API-Key`` check is not here: it is a FastAPI security dependency on the routes that
+need it (``security.py``), so the OpenAPI document shows it.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -33,8 +33,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # no body to read up front
 
 
 class _TooLarge(Exception):
@@ -83,8 +82,7 @@ class RequestMiddleware:
 
         try:
             settings = self.get_settings()
-            refusal = self._authorise(scope, settings)
-            if refusal is None and scope["method"] not in READ_METHODS:
+            if scope["method"] not in READ_METHODS:
                 try:
                     receive = await self._buffer_body(scope, receive, settings.api_max_body_bytes)
                 except _TooLarge:
@@ -93,10 +91,9 @@ class RequestMiddleware:
                         f"request body is larger than {settings.api_max_body_bytes} bytes",
                         {"max_bytes": settings.api_max_body_bytes},
                     )
-            if refusal is not None:
-                await refusal(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+                    await refusal(scope, receive, send_with_id)
+                    return
+            await self.app(scope, receive, send_with_id)
         except ApiError as exc:  # raised before the app (settings not loaded yet)
             if response_started:
                 raise
@@ -123,25 +120,6 @@ class RequestMiddleware:
                 },
             )
             reset_request_id(token)
-
-    @staticmethod
-    def _authorise(scope: Scope, settings: Any) -> Any:
-        """None when the request may go on, else the 401 response to send."""
-        expected = settings.api_key
-        if not expected:
-            return None
-        if scope["method"] in READ_METHODS and (
-            not settings.api_key_for_reads or scope.get("path") in OPEN_PATHS
-        ):
-            return None
-        given = _header(scope, b"x-api-key") or b""
-        if hmac.compare_digest(given, expected.encode("utf-8")):
-            return None
-        return error_response(
-            401, "UNAUTHORIZED",
-            "missing or wrong X-API-Key header" if given else "X-API-Key header required",
-            headers={"WWW-Authenticate": "ApiKey"},
-        )
 
     @staticmethod
     async def _buffer_body(scope: Scope, receive: Receive, limit: int) -> Receive:

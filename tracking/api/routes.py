@@ -47,7 +47,11 @@ from tracking.api.service import ApiService, log_transition
 from tracking.models import TxState
 from tracking.reports import as_dicts, to_csv
 
-router = APIRouter()
+# Three routers, for the API key (see security.py): create_app puts the key check on the
+# writes when a key is set, on the reads when TRACKING_API_KEY_FOR_READS is true too.
+open_router = APIRouter()  # /health: probes never need the key
+read_router = APIRouter()
+write_router = APIRouter()
 DB_HEALTH_TIMEOUT = 3.0
 
 
@@ -102,7 +106,7 @@ def _csv(text: str, name: str) -> Response:
 # -- health and catalog ---------------------------------------------------------------------
 
 
-@router.get(
+@open_router.get(
     "/health",
     response_model=Health,
     responses=_errors(503),
@@ -126,7 +130,7 @@ async def health(service: Service) -> Any:
     return body
 
 
-@router.get("/processes", response_model=ProcessList, responses=_errors(401))
+@read_router.get("/processes", response_model=ProcessList, responses=_errors(401))
 def processes(service: Service) -> Any:
     """The registered processes: platforms in order with stages and retry policy, and dedup."""
     return ProcessList(
@@ -137,7 +141,7 @@ def processes(service: Service) -> Any:
 # -- transactions ---------------------------------------------------------------------------
 
 
-@router.post(
+@write_router.post(
     "/transactions",
     response_model=TransactionOut,
     status_code=201,
@@ -159,7 +163,7 @@ async def create_transaction(body: TransactionIn, service: Service) -> Any:
     )
 
 
-@router.get(
+@read_router.get(
     "/transactions",
     response_model=TransactionPage,
     responses=_errors(401, 422),
@@ -195,7 +199,7 @@ def list_transactions(
     )
 
 
-@router.get(
+@read_router.get(
     "/transactions/{uuid}",
     response_model=TransactionDetail,
     responses=_errors(401, 404),
@@ -205,7 +209,7 @@ def get_transaction(uuid: Uuid, service: Service) -> Any:
     return service.get(uuid)
 
 
-@router.post(
+@write_router.post(
     "/transactions/{uuid}/process",
     response_model=ProcessResult,
     responses={202: {"model": ProcessQueued, "description": "Handed to the deployment"},
@@ -226,7 +230,7 @@ async def process_transaction(uuid: Uuid, service: Service) -> Any:
     return await run_in_threadpool(service.run_inline, uuid, before)
 
 
-@router.post(
+@write_router.post(
     "/transactions/{uuid}/cancel",
     response_model=TransactionDetail,
     responses=_errors(401, 404, 409, 422),
@@ -240,7 +244,7 @@ def cancel_transaction(
     return service.cancel(uuid, body.reason, body.actor)
 
 
-@router.post(
+@write_router.post(
     "/transactions/{uuid}/requeue",
     response_model=TransactionDetail,
     responses=_errors(401, 404, 409, 422),
@@ -281,7 +285,7 @@ async def _report(
     return await service.coalescer.run((name, start, end, *key), run)
 
 
-@router.get(
+@read_router.get(
     "/reports/summary",
     response_model=SummaryReport,
     responses={**CSV_RESPONSE, **_errors(401, 422)},
@@ -321,7 +325,7 @@ async def summary_report(
     )
 
 
-@router.get(
+@read_router.get(
     "/reports/stages",
     response_model=StageReport,
     responses={**CSV_RESPONSE, **_errors(401, 422)},
@@ -356,7 +360,7 @@ async def stage_report(
     )
 
 
-@router.get(
+@read_router.get(
     "/reports/errors",
     response_model=ErrorReport,
     responses={**CSV_RESPONSE, **_errors(401, 422)},
