@@ -86,7 +86,7 @@ def seed(url: str, count: int, chunk: int = 5000) -> float:
     """Insert ``count`` transactions with ``start_many``; returns the seconds it took."""
     from tracking import Tracker, connect
 
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     tracker = Tracker(engine, processes=PROCESSES)
     started = time.perf_counter()
     for first in range(0, count, chunk):

@@ -287,11 +287,11 @@ class Bench:
 
         from bench.bench_processes import process
         from tracking import Tracker, connect
-        from tracking.runner import resume_flow
+        from tracking.flows import resume_flow
 
         self.url = url
         self.args = args
-        self.engine = connect(url)
+        self.engine = connect(url, migrate=True)
         self.tracker = Tracker(self.engine, processes=[process])
         self.resume_flow = resume_flow
         self.next_id = 0
@@ -498,7 +498,7 @@ class CallTimer:
 
 def _tracking_timer() -> CallTimer:
     import tracking.decorator as decorator
-    import tracking.runner as runner
+    import tracking.flows as runner
     from tracking.store import Tracker
 
     timer = CallTimer()

@@ -237,7 +237,7 @@ def database_size(engine: Engine, url: str) -> int | None:
 def run_size(n: int, url: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     result: dict[str, Any] = {"n": n}
     t0 = time.perf_counter()
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     result["migrate_seconds"] = time.perf_counter() - t0
     tracker = Tracker(engine, processes=[bench_process()])
     reports = Reports(engine)

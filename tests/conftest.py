@@ -59,15 +59,22 @@ def postgres_server_url() -> Iterator[str]:
         yield database_url
 
 
+def migrated(url: str) -> str:
+    """The database at ``url``, migrated (as ``tracking db upgrade`` leaves it): flows and
+    CLI commands check the schema, they do not change it."""
+    connect(url, migrate=True).dispose()
+    return url
+
+
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'tracking.db'}"
+    return migrated(f"sqlite:///{tmp_path / 'tracking.db'}")
 
 
 @pytest.fixture
 def postgres_url(postgres_server_url: str) -> Iterator[str]:
-    """A fresh, empty schema-less database state: every table dropped after the test."""
-    yield postgres_server_url
+    """A freshly migrated database: every table dropped after the test."""
+    yield migrated(postgres_server_url)
     engine = sa.create_engine(postgres_server_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
@@ -90,7 +97,7 @@ def env(monkeypatch, db_url: str) -> str:
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
-    engine = connect(db_url)
+    engine = connect(db_url, migrate=True)
     yield engine
     engine.dispose()
 

@@ -996,7 +996,7 @@ def test_openapi_lists_every_endpoint_and_the_process_codes(client):
 
 @pytest.mark.slow
 def test_process_through_the_real_resume_flow(prefect_harness, monkeypatch, sqlite_url):
-    """The default runner: tracking.runner.resume_flow scoped to the transaction."""
+    """The default runner: tracking.flows.resume_flow scoped to the transaction."""
     from tests import flow_processes
 
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")

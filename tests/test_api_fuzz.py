@@ -37,7 +37,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'tracking.db'}"
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     tracker = Tracker(engine, processes=processes)
     # A few real transactions, so the reports have rows to count.
     for i in range(3):
@@ -107,7 +107,7 @@ HEADER_BYTES = st.binary(min_size=0, max_size=200).filter(
 def test_arbitrary_request_id_and_api_key_headers(tmp_path):
     """Any X-Request-ID / X-API-Key bytes: never a 5xx; the id is echoed only when safe."""
     url = f"sqlite:///{tmp_path / 'tracking.db'}"
-    tracker = Tracker(connect(url), processes=processes)
+    tracker = Tracker(connect(url, migrate=True), processes=processes)
     settings_ = Settings(database_url=url, processes=[], api_key="k3y")
     with TestClient(create_app(settings_, tracker), raise_server_exceptions=False) as client:
 

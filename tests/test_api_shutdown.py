@@ -115,7 +115,7 @@ def api_env(tmp: Path) -> dict[str, str]:
     env.update(
         PREFECT_HOME=str(tmp / "prefect-home"),
         TRACKING_DATABASE_URL=f"sqlite:///{tmp / 'tracking.db'}",
-        TRACKING_PROCESSES="flows.demo:process",
+        TRACKING_PROCESSES="flows.order_cancellation:process",
     )
     return env
 

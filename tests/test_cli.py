@@ -62,7 +62,7 @@ def cli(env, capsys):
 @pytest.fixture
 def tracker(env):
     """A tracker on the CLI's database, on the real clock (reports default to recent days)."""
-    engine = connect(env)
+    engine = connect(env, migrate=True)
     yield Tracker(engine, [process])
     engine.dispose()
 
@@ -257,7 +257,7 @@ SUMMARY = {
 
 @pytest.fixture
 def fake_resume(monkeypatch):
-    import tracking.runner
+    import tracking.flows
 
     calls = []
 
@@ -267,7 +267,7 @@ def fake_resume(monkeypatch):
         calls.append({**kwargs, "database seen by the flow": database_url()})
         return SUMMARY
 
-    monkeypatch.setattr(tracking.runner, "resume_flow", resume_flow)
+    monkeypatch.setattr(tracking.flows, "resume_flow", resume_flow)
     return calls
 
 
@@ -301,12 +301,12 @@ def test_run_refuses_bad_input_without_running(cli, fake_resume):
 
 
 def test_run_failure_is_exit_code_1(cli, monkeypatch):
-    import tracking.runner
+    import tracking.flows
 
     def broken(**kwargs):
         raise RuntimeError("database is down")
 
-    monkeypatch.setattr(tracking.runner, "resume_flow", broken)
+    monkeypatch.setattr(tracking.flows, "resume_flow", broken)
     result = cli("run", P)
     assert result.code == 1
     assert result.err.strip() == f"tracking: failed: the resume run of {P} failed: database is down"
@@ -456,7 +456,7 @@ def test_bulk_requeue_bad_input(cli, tracker):
 @pytest.fixture
 def history(env):
     """A few transactions at fixed times (2026-01-05 09:00 UTC onwards)."""
-    engine = connect(env)
+    engine = connect(env, migrate=True)
     clock = FakeClock()
     tracker = Tracker(engine, [process], clock=clock)
     done, _ = tracker.start_or_resume(P, {"request_id": "H1"})

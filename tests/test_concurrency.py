@@ -29,7 +29,7 @@ def _run_processes(target, args_list):
 
 
 def test_eight_processes_submitting_one_item_create_one_transaction(db_url):
-    connect(db_url).dispose()  # migrate once up front
+    connect(db_url, migrate=True).dispose()  # migrate once up front
     barrier, results = SPAWN.Barrier(8), SPAWN.Queue()
     procs = _run_processes(workers.submit_same_item, [(db_url, barrier, results)] * 8)
     outcomes = [results.get(timeout=120) for _ in procs]
@@ -37,7 +37,7 @@ def test_eight_processes_submitting_one_item_create_one_transaction(db_url):
         p.join(30)
     assert len({uuid for uuid, _ in outcomes}) == 1
     assert sum(is_new for _, is_new in outcomes) == 1
-    engine = connect(db_url)
+    engine = connect(db_url, migrate=True)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM tx_process")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM tx_stage")).scalar() == 4
@@ -61,7 +61,7 @@ def test_eight_threads_submitting_one_item_create_one_transaction(tracker):
 
 
 def test_concurrent_claims_never_share_a_stage(db_url):
-    tracker = Tracker(connect(db_url), processes=[cancellation_process()])
+    tracker = Tracker(connect(db_url, migrate=True), processes=[cancellation_process()])
     results = tracker.start_many(P, [{"request_id": f"R{i}"} for i in range(150)])
     assert all(r.is_new for r in results)
     barrier, queue = SPAWN.Barrier(4), SPAWN.Queue()
@@ -130,7 +130,7 @@ def test_extend_lease_keeps_a_long_attempt(tracker, clock):
 def test_worker_killed_with_sigkill_loses_no_item(db_url):
     """Half the reserved stages were started when the worker died: only those lose an
     attempt; the others come back with their attempts intact."""
-    tracker = Tracker(connect(db_url), processes=[cancellation_process()])
+    tracker = Tracker(connect(db_url, migrate=True), processes=[cancellation_process()])
     tracker.start_many(P, [{"request_id": f"K{i}"} for i in range(20)])
     ready = SPAWN.Event()
     (proc,) = _run_processes(workers.claim_then_die, [(db_url, ready, 10)])

@@ -63,7 +63,7 @@ def test_deployed_runs_need_no_checkout_and_redeploying_lifts_an_old_limit(
     deployment = _deployment()
     assert _limit(deployment) is None
     assert not deployment.pull_steps  # runs start in the worker's temporary directory
-    assert deployment.entrypoint == "tracking.runner.resume_flow"  # imported, not pulled
+    assert deployment.entrypoint == "tracking.flows.resume_flow"  # imported, not pulled
 
 
 # -- deployments.serve reads prefect.yaml -------------------------------------------------------
@@ -179,7 +179,7 @@ def test_anything_added_to_prefect_yaml_is_served(monkeypatch, tmp_path) -> None
 
 
 @pytest.mark.parametrize("entry, error", [
-    ({"name": "x", "entrypoint": "tracking.runner.resume_flow", "job_variables": {}},
+    ({"name": "x", "entrypoint": "tracking.flows.resume_flow", "job_variables": {}},
      "serving does not support job_variables"),
     ({"name": "x"}, "needs a name and an entrypoint"),
     ({"name": "x", "entrypoint": "a.b", "schedule": {"cron": "0 * * * *"},

@@ -17,14 +17,14 @@ from tests import flow_processes
 from tests.flow_processes import busy, slow_batch
 from tracking import StageState, Tracker, connect
 from tracking.models import EventKind
-from tracking.runner import intake_flow, resume_flow
+from tracking.flows import intake_flow, resume_flow
 from tracking.settings import use_database
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _event_kinds(url: str, process: str) -> dict[str, int]:
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text("SELECT kind, count(*) FROM tx_event WHERE process_code = :p GROUP BY kind"),
@@ -58,7 +58,7 @@ def test_overlapping_runs_whose_batches_outlast_the_lease_run_each_stage_once(en
     assert set(flow_processes.executions.values()) == {1}  # no platform call twice
     kinds = _event_kinds(env, "SLOW_BATCH")
     assert kinds["ATTEMPT"] == 80 and "LEASE_EXPIRED" not in kinds
-    tracker = Tracker(connect(env), processes=[slow_batch])
+    tracker = Tracker(connect(env, migrate=True), processes=[slow_batch])
     with tracker.engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT attempt, state, count(*) FROM tx_stage WHERE process_code = 'SLOW_BATCH' "
@@ -105,7 +105,7 @@ def test_a_prefect_failure_around_one_task_run_does_not_end_the_run(
     summary = state.result()
     assert summary["stages_run"] == (10 if granularity == "stage" else 8)
     # The stages the failed task run never started are runnable again, attempts intact.
-    tracker = Tracker(connect(env), processes=[busy])
+    tracker = Tracker(connect(env, migrate=True), processes=[busy])
     stages = tracker.get_stages(uuids, "A", "main")
     unstarted = [s for s in stages if s.state != StageState.COMPLETED]
     assert len(unstarted) == (1 if granularity == "stage" else 2)

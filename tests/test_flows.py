@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -23,9 +24,10 @@ from prefect.flows import load_flow_from_entrypoint
 from tests import flow_processes
 from tests.flow_processes import BEHAVIOURS, busy, do_what_the_payload_says, outcomes
 from tracking import Reports, StageState, Tracker, TxState, connect
-from tracking.decorator import TxContext
+from tracking.decorator import TxContext, tracked_task
 from tracking.models import EventKind
-from tracking.runner import deployment_name, intake_flow, read_items, resume_flow
+from tracking.flows import deployment_name, intake_flow, resume_flow
+from tracking.items import read_items
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -39,7 +41,7 @@ def sqlite_env(monkeypatch, sqlite_url: str) -> str:
 
 
 def _by_behaviour(url: str) -> dict[str, object]:
-    tracker = Tracker(connect(url), processes=[outcomes])
+    tracker = Tracker(connect(url, migrate=True), processes=[outcomes])
     reports = Reports(tracker.engine)
     now = datetime.now(UTC)
     txs = reports.transactions_between(now - timedelta(hours=1), now + timedelta(hours=1))
@@ -169,7 +171,7 @@ def test_batch_granularity_tracks_every_item(sqlite_env):
 
 def test_two_concurrent_resume_runs_never_double_process(env):
     flow_processes.executions.clear()
-    tracker = Tracker(connect(env), processes=[busy])
+    tracker = Tracker(connect(env, migrate=True), processes=[busy])
     tracker.start_many("BUSY", [{"id": i} for i in range(150)])
     results = []
 
@@ -208,10 +210,17 @@ def test_flow_fails_when_it_cannot_do_its_job(monkeypatch):
 
 
 def test_platform_task_is_a_real_prefect_task():
-    assert isinstance(do_what_the_payload_says, Task)
-    assert do_what_the_payload_says.retries == 2
-    assert do_what_the_payload_says.fn(TxContext({"behaviour": "business"})) == 5
-    assert do_what_the_payload_says.fn(TxContext({"behaviour": "ok"})) == 0
+    """The platform function stays plain; the Prefect edge builds its tracked task, which
+    wraps it (name, docstring, signature) with the platform's Prefect options."""
+    platform = outcomes.get_platform("P")
+    task = tracked_task(outcomes, platform)
+    assert isinstance(task, Task)
+    assert task.retries == 2
+    assert task.fn.__wrapped__ is do_what_the_payload_says
+    assert task.fn.__name__ == do_what_the_payload_says.__name__
+    assert inspect.signature(task.fn) == inspect.signature(do_what_the_payload_says)
+    assert do_what_the_payload_says(TxContext({"behaviour": "business"})) == 5
+    assert do_what_the_payload_says(TxContext({"behaviour": "ok"})) == 0
 
 
 def test_intake_from_files(sqlite_env, tmp_path):
@@ -244,12 +253,12 @@ def test_read_items_names_the_problem(tmp_path, name, content, message):
 
 
 def test_demo_end_to_end(monkeypatch, tmp_path):
-    from flows import demo
+    from flows import demo, order_cancellation
 
-    monkeypatch.setenv("TRACKING_PROCESSES", "flows.demo:process")
+    monkeypatch.setenv("TRACKING_PROCESSES", "flows.order_cancellation:process")
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     assert demo.main(runs=3, database_url=url) == 0
-    reports = Reports(connect(url))
+    reports = Reports(connect(url, migrate=True))
     now = datetime.now(UTC)
     window = (now - timedelta(hours=1), now + timedelta(hours=1))
     by_state = {r.state: r.count for r in reports.summary_by_state(*window)}
@@ -257,7 +266,7 @@ def test_demo_end_to_end(monkeypatch, tmp_path):
     rejected = {
         i["request_id"] for i in items
         if i["customer_status"] == "blocked" or i["order_status"] == "shipped"
-        or float(i["amount"]) > demo.REFUND_APPROVAL_LIMIT
+        or float(i["amount"]) > order_cancellation.REFUND_APPROVAL_LIMIT
     }
     unique = {i["request_id"] for i in items}
     assert by_state == {TxState.REJECTED: len(rejected), TxState.COMPLETED: len(unique - rejected)}
@@ -300,7 +309,7 @@ def test_serve_builds_an_hourly_deployment_per_process(monkeypatch):
 def test_a_timed_out_task_run_is_recorded_as_a_system_error(sqlite_env):
     intake_flow(process="SLOW", items=[{"id": 1}])
     summary = resume_flow(process="SLOW")
-    tracker = Tracker(connect(sqlite_env), processes=[flow_processes.slow])
+    tracker = Tracker(connect(sqlite_env, migrate=True), processes=[flow_processes.slow])
     now = datetime.now(UTC)
     (tx,) = Reports(tracker.engine).transactions_between(now - timedelta(hours=1), now)
     stage = tracker.get_transaction(tx.uuid).stages[0]

@@ -22,7 +22,7 @@ def test_quiet_settings_turn_telemetry_off_for_the_server_subprocess() -> None:
 
 
 def test_tracking_run_runs_its_flow_under_the_quiet_settings(tmp_path, monkeypatch, capsys):
-    import tracking.runner
+    import tracking.flows
 
     seen = []
 
@@ -32,7 +32,7 @@ def test_tracking_run_runs_its_flow_under_the_quiet_settings(tmp_path, monkeypat
         seen.append(get_current_settings().server.analytics_enabled)
         return {"process": kwargs["process"], "stages_run": 0}
 
-    monkeypatch.setattr(tracking.runner, "resume_flow", resume_flow)
+    monkeypatch.setattr(tracking.flows, "resume_flow", resume_flow)
     url = f"sqlite:///{tmp_path / 'tracking.db'}"
     assert main(["--database-url", url, "run", "ORDER_CANCELLATION", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages_run"] == 0

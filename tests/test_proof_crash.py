@@ -62,7 +62,7 @@ def database(request, tmp_path) -> str:
 
 def _run_command(granularity: str) -> list[str]:
     code = (
-        "from tracking.runner import resume_flow; "
+        "from tracking.flows import resume_flow; "
         f"resume_flow(process='CRASH', granularity={granularity!r}, batch_size=25, "
         f"concurrency={CONCURRENCY}, lease_seconds={LEASE_SECONDS})"
     )
@@ -70,7 +70,7 @@ def _run_command(granularity: str) -> list[str]:
 
 
 def _intake(url: str) -> dict[str, int]:
-    tracker = Tracker(connect(url), processes=[crash])
+    tracker = Tracker(connect(url, migrate=True), processes=[crash])
     items = [{"key": f"C{n:05d}", "n": n} for n in range(ITEMS)]
     uuids = {r.uuid: n for r, n in zip(tracker.start_many("CRASH", items), range(ITEMS),
                                         strict=True)}
@@ -177,7 +177,7 @@ def test_a_run_stopped_by_sigterm_gives_back_what_it_did_not_start(
     )
     # Batches of 50 calls of 50 ms: the run holds 100 stages, 2 of them running.
     command = [sys.executable, "-c",
-               "from tracking.runner import resume_flow; resume_flow(process='CRASH', "
+               "from tracking.flows import resume_flow; resume_flow(process='CRASH', "
                "granularity='batch', batch_size=50, concurrency=2)"]
     engine = engine_for(database)
     with processes(tmp_path / "logs") as procs:

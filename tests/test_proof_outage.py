@@ -66,7 +66,7 @@ def test_database_outage_mid_run_fails_fast_and_loses_nothing(
     side_effects = tmp_path / "side-effects.log"
     with throwaway_cluster() as cluster, processes(tmp_path / "logs") as procs:
         url = cluster.create_database(DATABASE)
-        tracker = Tracker(connect(url), processes=[outage])
+        tracker = Tracker(connect(url, migrate=True), processes=[outage])
         payloads = [{"key": f"O{i:05d}"} for i in range(items)]
         assert all(r.is_new for r in tracker.start_many(outage.code, payloads))
         tracker.engine.dispose()

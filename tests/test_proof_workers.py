@@ -66,7 +66,7 @@ def _deploy(api_url: str) -> str:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
 
-    from tracking.runner import resume_flow
+    from tracking.flows import resume_flow
 
     (entry,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][:1]
     with prefect_client(api_url) as client:
@@ -157,7 +157,7 @@ def test_three_process_workers_with_overlapping_runs_record_every_attempt_once(t
         api_url = start_prefect_server(procs, tmp_path / "prefect-home", asyncpg_url(prefect_db))
         t_server = time.monotonic()
 
-        tracker = Tracker(connect(tracking_url), processes=[proof])
+        tracker = Tracker(connect(tracking_url, migrate=True), processes=[proof])
         for start in range(0, ITEMS, 1000):
             assert all(r.is_new for r in tracker.start_many(proof.code, proof_items(start, 1000)))
         tracker.engine.dispose()
@@ -269,7 +269,7 @@ def test_the_pattern_is_what_a_single_worker_produces(tmp_path):
     (what a batch task run does, without Prefect), until a run finds nothing to do."""
     from tracking.decorator import Claim, TxContext
 
-    tracker = Tracker(connect(f"sqlite:///{tmp_path / 'one.db'}"), processes=[proof])
+    tracker = Tracker(connect(f"sqlite:///{tmp_path / 'one.db'}", migrate=True), processes=[proof])
     tracker.start_many(proof.code, proof_items(0, 400))
     for run in range(10):
         claim = Claim(tracker, f"run-{run}", 1800)
@@ -278,7 +278,7 @@ def test_the_pattern_is_what_a_single_worker_produces(tmp_path):
             while stages := tracker.claim(proof.code, platform.code, owner=claim.owner,
                                           limit=200):
                 for stage in stages:
-                    platform.task.fn(TxContext.of(stage, claim))
+                    platform.fn(TxContext.of(stage, claim))
                 done += len(stages)
         if not done:
             break

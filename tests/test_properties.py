@@ -362,7 +362,7 @@ def _fresh_sqlite() -> tuple[str, Any]:
     if not _TEMPLATE:
         directory = tempfile.mkdtemp(prefix="tracking-props-template-", dir=TMP)
         atexit.register(shutil.rmtree, directory, True)
-        connect(f"sqlite:///{directory}/tracking.db").dispose()
+        connect(f"sqlite:///{directory}/tracking.db", migrate=True).dispose()
         _TEMPLATE.append(f"{directory}/tracking.db")
     directory = tempfile.mkdtemp(prefix="tracking-props-", dir=TMP)
     shutil.copyfile(_TEMPLATE[0], f"{directory}/tracking.db")
@@ -371,7 +371,7 @@ def _fresh_sqlite() -> tuple[str, Any]:
 
 def _fresh_postgres(url: str) -> tuple[str, Any]:
     """The session's PostgreSQL database, emptied (TRUNCATE fires no row trigger)."""
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "TRUNCATE tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process "
@@ -395,7 +395,7 @@ class TrackerMachine(RuleBasedStateMachine):
         super().__init__()
         url, self._cleanup = self.fresh_database()
         self.clock = FakeClock()
-        self.engine = connect(url)
+        self.engine = connect(url, migrate=True)
         self.tracker = Tracker(self.engine, processes=[cancellation_process()], clock=self.clock)
         self.txs: dict[str, MTx] = {}
         self.by_request: dict[str, str] = {}

@@ -26,7 +26,7 @@ SQLITE_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
 
 
 def _build(url: str) -> Engine:
-    engine = connect(url)
+    engine = connect(url, migrate=True)
     clock = FakeClock()
     clock.now = START
     build_scenario(Tracker(engine, [process], clock=clock), clock, hours=HOURS)

@@ -11,7 +11,7 @@ from tracking import Tracker, connect
 
 
 def _tracker(url: str) -> Tracker:
-    return Tracker(connect(url), processes=[cancellation_process()])
+    return Tracker(connect(url, migrate=True), processes=[cancellation_process()])
 
 
 def submit_same_item(url: str, barrier, results) -> None:

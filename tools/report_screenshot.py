@@ -33,7 +33,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 def sample_html(database_url: str, hours: int = 24) -> str:
     """Build the sample scenario in ``database_url`` and render its report."""
-    engine = connect(database_url)
+    engine = connect(database_url, migrate=True)
     try:
         clock = FakeClock()
         start = clock.now

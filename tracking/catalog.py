@@ -15,9 +15,11 @@ Example:
     >>> [(s.platform, s.stage) for s in p.stage_plan()]
     [('A', 'validate'), ('B', 'process'), ('B', 'confirm')]
 
-Platform functions are attached with the ``Process.platform`` decorator (see
-``tracking.decorator``). Processes are found by import path (``module:attribute``), the same
-way by the API, the CLI and the deployments: see ``load_processes``.
+Platform functions are attached with the ``Process.platform`` decorator; they stay plain
+functions here (the Prefect task that tracks them is built at the edge, by
+``tracking.decorator.tracked_task``). Processes are found by import path
+(``module:attribute``), the same way by the API, the CLI and the deployments: see
+``load_processes`` and ``find_process``.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ParamSpec, TypeVar
 
 from tracking.dedup import DedupStrategy, KeyFields, as_strategy
+from tracking.errors import UnknownProcessError
 from tracking.policy import RetryPolicy
 
-if TYPE_CHECKING:
-    from prefect import Task
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DEFAULT_STAGE = "main"
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -56,15 +59,18 @@ class Platform:
         order: position among the process's platforms (distinct, lower runs first).
         stages: the steps done in this platform, in order; one ``"main"`` stage by default.
         retry: the RetryPolicy for system errors (unlimited attempts by default).
-        task: the tracked Prefect task that does the work, when defined with
-            ``Process.platform`` (``None`` for catalog-only definitions).
+        fn: the function that does the work, ``fn(tx: TxContext) -> int | ExecutionResult``
+            (``None`` for catalog-only definitions).
+        task_options: Prefect task options for its task runs (``retries``,
+            ``timeout_seconds``...).
     """
 
     code: str
     order: int
     stages: tuple[str, ...] = (DEFAULT_STAGE,)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    task: Task | None = None
+    fn: Callable[..., Any] | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_code("platform", self.code)
@@ -81,6 +87,8 @@ class Platform:
             raise ValueError(f"platform {self.code!r} repeats a stage: {self.stages}")
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError(f"platform {self.code!r}: retry must be a RetryPolicy")
+        if "retry_condition_fn" in self.task_options:
+            raise ValueError("retry_condition_fn is set by the tracking decorator; do not pass it")
 
     def resolve_stage(self, stage: str | None) -> str:
         """The stage name to use; ``None`` is allowed only for a one-stage platform."""
@@ -180,30 +188,33 @@ class Process:
         stages: Iterable[str] = (DEFAULT_STAGE,),
         retry: RetryPolicy | None = None,
         **task_options: Any,
-    ) -> Callable[[Callable[..., Any]], Task]:
-        """Decorator: make a function a tracked platform task of this process.
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorator: make a function a platform of this process.
 
         ``order`` defaults to one more than the highest order so far. Extra keyword arguments
-        are Prefect task options (``timeout_seconds``, ``log_prints``...).
+        are Prefect task options (``retries``, ``timeout_seconds``, ``log_prints``...). The
+        function is returned as it is (call it directly in a unit test); the resume flow
+        runs it as a tracked Prefect task.
 
         Example:
             @cancellation.platform("SAP", order=1, retry=RetryPolicy(max_attempts=3, delay=300))
             def cancel_in_sap(tx: TxContext) -> int:
                 ...
         """
-        from tracking.decorator import tracked_task
 
-        def wrap(fn: Callable[..., Any]) -> Task:
+        def wrap(fn: Callable[P, R]) -> Callable[P, R]:
             next_order = max((p.order for p in self._platforms.values()), default=0) + 1
-            platform = Platform(
-                code,
-                order=next_order if order is None else order,
-                stages=tuple(stages),
-                retry=retry or RetryPolicy(),
+            self.add_platform(
+                Platform(
+                    code,
+                    order=next_order if order is None else order,
+                    stages=tuple(stages),
+                    retry=retry or RetryPolicy(),
+                    fn=fn,
+                    task_options=dict(task_options),
+                )
             )
-            platform.task = tracked_task(self, platform, fn, **task_options)
-            self.add_platform(platform)
-            return platform.task
+            return fn
 
         return wrap
 
@@ -249,6 +260,15 @@ def _flatten(obj: Any, path: str) -> Iterator[Process]:
         raise ValueError(f"{path!r} is not a Process or a list of Processes: {obj!r}")
 
 
+def find_process(processes: Iterable[Process], code: str) -> Process:
+    """The process with this code among ``processes`` (the configured ones)."""
+    found = {p.code: p for p in processes}
+    if code not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise UnknownProcessError(f"unknown process {code!r} (TRACKING_PROCESSES has: {known})")
+    return found[code]
+
+
 def load_processes(paths: Iterable[str]) -> list[Process]:
     """Import processes from ``module:attribute`` paths (a Process or a list of them)."""
     found: dict[str, Process] = {}
@@ -260,4 +280,5 @@ def load_processes(paths: Iterable[str]) -> list[Process]:
     return list(found.values())
 
 
-__all__ = ["DEFAULT_STAGE", "KeyFields", "PlannedStage", "Platform", "Process", "load_processes"]
+__all__ = ["DEFAULT_STAGE", "KeyFields", "PlannedStage", "Platform", "Process", "find_process",
+           "load_processes"]

@@ -1,12 +1,13 @@
 """Engines and migrations.
 
-``connect()`` returns a SQLAlchemy engine on the tracking database, brought up to date with
-the Alembic migrations. SQLite (the embedded default) is set up for several processes: WAL,
+``connect(url)`` returns a SQLAlchemy engine on the tracking database; it migrates only when
+asked (``migrate=True``: ``tracking db upgrade``, the demo, the API's startup, tests), and the
+flows check that the schema is current (``check_schema``) instead of changing it. SQLite (the embedded default) is set up for several processes: WAL,
 a busy timeout and ``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of
 failing. PostgreSQL uses psycopg 3.
 
 Example:
-    engine = connect()                                   # TRACKING_DATABASE_URL or ./tracking.db
+    engine = connect("sqlite:///tracking.db", migrate=True)   # created and migrated
     engine = connect("postgresql://postgres@127.0.0.1:5432/tracking")
 """
 
@@ -24,6 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from tracking.errors import TrackingError
 from tracking.settings import get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -138,13 +140,26 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(_alembic_config(conn), revision)
 
 
-def connect(url: str | None = None, *, migrate: bool = True) -> Engine:
-    """An engine on the tracking database, migrated to the latest schema.
+def check_schema(engine: Engine) -> None:
+    """Refuse a database whose schema is not the code's (a ``TrackingError`` that says how
+    to fix it), rather than work on tables that may lack columns."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        where = engine.url.render_as_string(hide_password=True)
+        raise TrackingError(
+            f"the tracking database {where} is at schema revision {current or 'none (empty)'}"
+            f", this code needs {head}: run `tracking db upgrade`"
+        )
+
+
+def connect(url: str | None = None, *, migrate: bool = False) -> Engine:
+    """An engine on the tracking database.
 
     Args:
         url: a SQLAlchemy URL; default ``TRACKING_DATABASE_URL`` (a SQLite file
             ``tracking.db`` in the working directory when unset).
-        migrate: bring the schema up to date (default). Pass False to leave it alone.
+        migrate: bring the schema up to date first (the database is created on first use
+            for SQLite). Default: leave it alone.
     """
     engine = create_engine(url or get_settings().database_url)
     if migrate and current_revision(engine) != head_revision():

@@ -1,6 +1,7 @@
-"""The tracking decorator: a platform function becomes a tracked Prefect task.
+"""The Prefect edge of a platform: its function run as a tracked Prefect task.
 
-Define platforms with ``Process.platform``; the decorated object is a real Prefect ``Task``::
+Define platforms with ``Process.platform`` (the function stays a plain function); the
+resume flow runs each through ``tracked_task(process, platform)``, a real Prefect ``Task``::
 
     cancellation = Process("CANCELLATION", dedup=KeyFields("request_id"))
 
@@ -26,17 +27,18 @@ attempts used   ``Exhausted``    (Failed-type) no more retries
 ==============  ===============  =====================================================
 
 Every in-run retry is an attempt and counts against the policy's ``max_attempts``; business
-errors are never retried. Outside a run, ``cancel_in_sap.fn(TxContext(...))`` calls the plain
+errors are never retried. Outside a run, ``cancel_in_sap(TxContext(...))`` calls the plain
 function, for unit tests.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
@@ -44,13 +46,11 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
 
+from tracking.catalog import Platform, Process
 from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
-
-if TYPE_CHECKING:
-    from tracking.catalog import Platform, Process
-    from tracking.store import Tracker
+from tracking.store import Tracker
 
 REJECTED = "Rejected"
 SYSTEM_ERROR = "SystemError"
@@ -213,24 +213,27 @@ def state_for(result: ExecutionResult, stage: TxStage) -> State[Any]:
     return Failed(name=SYSTEM_ERROR, message=f"system {text}; retry at {stage.next_attempt_at}")
 
 
-def tracked_task(
-    process: Process, platform: Platform, fn: Callable[[TxContext], Any], **task_options: Any
-) -> Task[..., Any]:
-    """Wrap a platform function in a Prefect task that records every attempt.
+def tracked_task(process: Process, platform: Platform) -> Task[[TxContext], Any]:
+    """The Prefect task that runs ``platform``'s function and records every attempt.
 
-    ``task_options`` are Prefect task options; ``retries`` and ``retry_delay_seconds`` give
-    in-run retries of system errors (default none: later runs retry per the RetryPolicy).
+    It wraps the function (``functools.update_wrapper``: its name, docstring and signature
+    show in Prefect and in editors). ``platform.task_options`` are Prefect task options;
+    ``retries`` and ``retry_delay_seconds`` give in-run retries of system errors (default
+    none: later runs retry per the RetryPolicy).
     """
+    fn = platform.fn
+    if fn is None:
+        raise ValueError(
+            f"platform {platform.code!r} of {process.code!r} has no function: define it "
+            "with @process.platform(...)"
+        )
 
     def run(tx: TxContext) -> Any:
         if tx.claim is None:
             return fn(tx)  # a plain call, e.g. a unit test of the platform function
         return execute(fn, tx)
 
-    run.__name__ = getattr(fn, "__name__", "platform")
-    run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
-    run.__doc__ = fn.__doc__
-    run.__module__ = getattr(fn, "__module__", __name__)
+    functools.update_wrapper(run, fn)
     options: dict[str, Any] = {
         "name": f"{process.code}.{platform.code}",
         "task_run_name": "{tx.platform}.{tx.stage} {tx.business_key}",
@@ -239,13 +242,10 @@ def tracked_task(
         # carries the process and platform tags instead.
         "cache_policy": NO_CACHE,
         "persist_result": False,
+        **platform.task_options,
         "retry_condition_fn": retry_system_errors,
     }
-    options.update(task_options)
-    if options.get("retry_condition_fn") is not retry_system_errors:
-        raise ValueError("retry_condition_fn is set by the tracking decorator; do not pass it")
-    task: Task[..., Any] = Task(fn=run, **options)
-    return task
+    return Task(fn=run, **options)
 
 
 def record_unfinished(tracker: Tracker, tx: TxContext, why: str) -> TxStage | None:

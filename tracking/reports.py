@@ -157,6 +157,29 @@ class RequeueCandidate:
     updated_at: datetime
 
 
+DEFAULT_REPORT_WINDOW = timedelta(days=7)
+
+
+def report_window(
+    start: datetime | None, end: datetime | None, *, now: datetime,
+    default: timedelta = DEFAULT_REPORT_WINDOW,
+) -> tuple[datetime, datetime]:
+    """The one window rule of every report (CLI, API, artifacts): ``[start, end)`` in UTC;
+    ``end`` defaults to now, ``start`` to ``default`` (7 days) before ``end``; naive values
+    are UTC. ``ValueError`` when ``start`` is after ``end`` or a value is out of range."""
+    def utc(value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    try:
+        stop = now if end is None else utc(end)
+        begin = stop - default if start is None else utc(start)
+    except (OverflowError, ValueError):
+        raise ValueError("the report window is out of range") from None
+    if begin > stop:
+        raise ValueError(f"from ({begin.isoformat()}) is after to ({stop.isoformat()})")
+    return begin, stop
+
+
 def _check_window(start: datetime, end: datetime) -> None:
     for name, value in (("start", start), ("end", end)):
         if not isinstance(value, datetime):

@@ -1,7 +1,8 @@
 """Configuration, read from ``TRACKING_*`` environment variables (or a ``.env`` file).
 
-Settings are read when asked for (``get_settings()``), never cached in a module global, so
-a test or a command can change the environment and see the change.
+Each entry point (a CLI command, the API's startup, a flow run) reads the settings once,
+``Settings()``, and passes them down; nothing below an entry point reads the environment.
+Values given to ``Settings(...)`` override the environment (``--database-url``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///tracking.db"
-DEFAULT_PROCESSES = ("flows.demo:process",)
+DEFAULT_PROCESSES = ("flows.order_cancellation:process",)
 
 
 class Settings(BaseSettings):
@@ -92,6 +93,6 @@ def use_database(url: str | None) -> Iterator[None]:
         _database_override.reset(token)
 
 
-def database_url() -> str:
+def database_url(settings: Settings | None = None) -> str:
     """The tracking database of this context: ``use_database``'s, else the setting."""
-    return _database_override.get() or get_settings().database_url
+    return _database_override.get() or (settings or get_settings()).database_url

@@ -9,10 +9,11 @@ Example:
     >>> from datetime import UTC, datetime
     >>> from tracking.outcomes import ExecutionResult
     >>> from tracking.policy import RetryPolicy
-    >>> t = decide(StageFacts(attempt=1, attempts_allowed=3, is_last=False), TxState.IN_PROGRESS,
-    ...            ExecutionResult(-1, "timeout"), RetryPolicy(delay=60), datetime(2026, 1, 1, tzinfo=UTC))
-    >>> t.stage_state, t.tx_state, t.next_attempt_at.isoformat()
-    (<StageState.TERMINATED: 'TERMINATED'>, <TxState.TERMINATED: 'TERMINATED'>, '2026-01-01T00:01:00+00:00')
+    >>> facts = StageFacts(attempt=1, attempts_allowed=3, is_last=False)
+    >>> t = decide(facts, TxState.IN_PROGRESS, ExecutionResult(-1, "timeout"),
+    ...            RetryPolicy(delay=60), datetime(2026, 1, 1, tzinfo=UTC))
+    >>> t.stage_state.value, t.tx_state.value, t.next_attempt_at.isoformat()
+    ('TERMINATED', 'TERMINATED', '2026-01-01T00:01:00+00:00')
 """
 
 from __future__ import annotations

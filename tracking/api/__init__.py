@@ -56,7 +56,7 @@ def _warm_up() -> None:
 def _open_tracker(settings: Settings) -> Tracker:
     """Connect (running migrations) and register the configured processes."""
     processes = load_processes(settings.processes)
-    return Tracker(connect(settings.database_url), processes=processes)
+    return Tracker(connect(settings.database_url, migrate=True), processes=processes)
 
 
 def _on_temporary_server(
@@ -89,9 +89,9 @@ def create_app(
         tracker: default: one on ``settings.database_url`` with the processes of
             ``settings.processes`` registered, created at startup and disposed at shutdown.
         process_runner: ``(process_code, uuid) -> summary``, runs a transaction inline;
-            default ``tracking.runner.resume_flow`` on the tracker's database.
+            default ``tracking.flows.resume_flow`` on the tracker's database.
         deployment_runner: ``(process_code, uuid) -> (deployment, flow_run_id)``; default
-            ``prefect.deployments.run_deployment`` on ``tracking.runner.deployment_name``.
+            ``prefect.deployments.run_deployment`` on ``tracking.flows.deployment_name``.
     """
 
     def start(app: FastAPI, s: Settings, t: Tracker, server: TemporaryServer | None = None) -> None:

@@ -55,10 +55,10 @@ DeploymentRunner = Callable[[str, str], tuple[str, str]]
 
 
 def resume_flow_runner(database_url: str) -> ProcessRunner:
-    """The default inline runner: ``tracking.runner.resume_flow`` scoped to the transaction."""
+    """The default inline runner: ``tracking.flows.resume_flow`` scoped to the transaction."""
 
     def run(process: str, uuid: str) -> Any:
-        from tracking import runner
+        from tracking import flows as runner
 
         # The URL reaches the flow through the context, never as a (stored, shown) parameter.
         with use_database(database_url):
@@ -71,7 +71,7 @@ def run_on_deployment(process: str, uuid: str) -> tuple[str, str]:
     """The default deployment runner: a flow run of the process's resume deployment."""
     from prefect.deployments import run_deployment
 
-    from tracking.runner import deployment_name
+    from tracking.flows import deployment_name
 
     name = deployment_name(process)
     flow_run = run_deployment(

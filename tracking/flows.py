@@ -1,0 +1,264 @@
+"""The Prefect flows: ``intake`` (take items in) and ``resume`` (the hourly run).
+
+Run them like any Prefect flow::
+
+    from tracking.flows import intake_flow, resume_flow
+    intake_flow(process="ORDER_CANCELLATION", path="flows/data/cancellations.csv")
+    summary = resume_flow(process="ORDER_CANCELLATION")          # one task run per stage
+    summary = resume_flow(process="ORDER_CANCELLATION", granularity="batch")  # high volume
+
+or on a schedule through the deployments in ``prefect.yaml`` (``deployments/serve.py``
+serves the same ones from one local process). A flow is an entry point: it reads the
+settings once, when it starts, and hands them down. Processes are found by code among
+``TRACKING_PROCESSES``; the database is not migrated here (``tracking db upgrade``).
+
+Items that fail are outcomes, not errors: the flow fails only when it cannot do its job (the
+database is unreachable or behind the code's schema, a bug).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tracking.artifacts import (
+    Tally,
+    artifact_key,
+    publish_intake,
+    publish_report,
+    publish_summary,
+    quiet_empty_tracebacks,
+)
+from tracking.catalog import Process, find_process, load_processes
+from tracking.db import check_schema, connect, normalise_url
+from tracking.decorator import Claim, tracked_task
+from tracking.errors import DatabaseUnavailable
+from tracking.items import read_items, take_in
+from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
+from tracking.settings import Settings, database_url
+from tracking.store import Tracker
+
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def deployment_name(code: str) -> str:
+    """The name of a process's hourly deployment: ``resume/<code-in-lower-case>``."""
+    return f"resume/{code.lower().replace('_', '-')}"
+
+
+# -- the database of a flow -------------------------------------------------------
+
+
+def database_url_for(database_secret: str | None, settings: Settings | None = None) -> str:
+    """The tracking database a flow uses: the URL in the Prefect ``Secret`` block named
+    ``database_secret``, else ``use_database``'s or ``TRACKING_DATABASE_URL``."""
+    if database_secret:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(database_secret).get())
+    return database_url(settings)
+
+
+def check_not_throwaway(url: sa.URL, cwd: Path | None = None) -> None:
+    """Refuse a relative SQLite path in a deployment run whose working directory is a
+    temporary one (a process worker's): the file would vanish with the directory, and the
+    run would find nothing to do in an empty database."""
+    from prefect.runtime import deployment
+
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or database.startswith("file:"):
+        return
+    if database == ":memory:" or Path(database).is_absolute() or deployment.id is None:
+        return
+    cwd = (cwd or Path.cwd()).resolve()
+    if cwd.is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        raise ValueError(
+            f"TRACKING_DATABASE_URL is the relative SQLite path {database!r}, which here is "
+            f"{cwd / database}: inside the worker's temporary directory, deleted after the "
+            "run. Set TRACKING_DATABASE_URL to PostgreSQL or an absolute SQLite path in the "
+            "worker's environment, or pass database_secret."
+        )
+
+
+@contextmanager
+def _tracker_for(
+    process_code: str, database_secret: str | None, settings: Settings
+) -> Iterator[Tracker]:
+    """A tracker on the flow's database; a database failure inside the block becomes a
+    ``DatabaseUnavailable`` that names the database (never its password)."""
+    process = find_process(load_processes(settings.processes), process_code)
+    url = sa.make_url(normalise_url(database_url_for(database_secret, settings)))
+    check_not_throwaway(url)
+    try:
+        engine = connect(url.render_as_string(hide_password=False))
+        check_schema(engine)
+        try:
+            yield Tracker(engine, processes=[process])
+        finally:
+            engine.dispose()
+    except sa.exc.DBAPIError as exc:
+        where = url.render_as_string(hide_password=True)
+        detail = " ".join(str(exc.orig).split())[:300]
+        raise DatabaseUnavailable(f"the tracking database {where} failed: {detail}") from exc
+
+
+# -- intake -----------------------------------------------------------------------------
+
+
+@flow(name="intake", flow_run_name="intake {process}")
+def intake_flow(
+    process: str,
+    items: list[dict[str, Any]] | None = None,
+    path: str | None = None,
+    source: str | None = None,
+    database_secret: str | None = None,
+) -> dict[str, Any]:
+    """Take items in: each becomes a transaction unless it is a duplicate.
+
+    Give ``items`` or ``path`` (a CSV or JSON-lines file). Returns counts and the uuids.
+    The database is ``TRACKING_DATABASE_URL`` or the Prefect ``Secret`` block named
+    ``database_secret``.
+    """
+    logger = get_run_logger()
+    if (items is None) == (path is None):
+        raise ValueError("give exactly one of items= or path=")
+    if items is None:
+        items = read_items(path)  # type: ignore[arg-type]
+        source = source or Path(path).name  # type: ignore[arg-type]
+    with _tracker_for(process, database_secret, Settings()) as tracker:
+        summary = take_in(tracker, process, items, source=source)
+    logger.info("intake %s: %d items, %d new, %d duplicates", process, summary.total,
+                summary.new, summary.duplicates)
+    publish_intake(process, summary.total, summary.new, source)
+    return summary.as_dict()
+
+
+# -- resume -----------------------------------------------------------------------------
+
+
+@flow(name="resume", flow_run_name="resume {process}")
+def resume_flow(
+    process: str,
+    uuid: str | None = None,
+    granularity: Granularity = "stage",
+    batch_size: int = 100,
+    concurrency: int = 8,
+    max_stages: int | None = None,
+    max_seconds: float | None = None,
+    lease_seconds: int | None = None,
+    database_secret: str | None = None,
+) -> dict[str, Any]:
+    """Run every runnable stage of ``process`` (or only of transaction ``uuid``).
+
+    Args:
+        granularity: ``"stage"`` (one task run per stage, every item visible in the UI) or
+            ``"batch"`` (one task run per batch of stages: for high volumes).
+        batch_size: most stages claimed at once (and per task run in batch granularity).
+        concurrency: stages (or batches) run at the same time; the run reserves only what
+            it can start now.
+        max_stages / max_seconds: stop claiming after this many stages / seconds.
+        lease_seconds: how long one attempt may take before it counts as lost (default
+            ``TRACKING_LEASE_SECONDS``): keep it above the slowest platform call. Stages
+            waiting in a batch are kept reserved by the run's heartbeat meanwhile.
+        database_secret: name of a Prefect ``Secret`` block holding the database URL;
+            default: ``TRACKING_DATABASE_URL`` (never pass a URL as a parameter: Prefect
+            stores and shows parameters).
+    """
+    if granularity not in ("stage", "batch"):
+        raise ValueError(f"granularity must be 'stage' or 'batch', got {granularity!r}")
+    for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    logger = get_run_logger()
+    quiet_empty_tracebacks()
+    settings = Settings()  # read once, here at the entry point
+    flow_run = FlowRunContext.get().flow_run  # type: ignore[union-attr]
+    owner = str(flow_run.id)
+    lease = lease_seconds or settings.lease_seconds
+    options = Options(process, uuid, granularity, batch_size, concurrency)
+    budget = Budget(max_stages, max_seconds)
+    tally = Tally()
+    stopped = "nothing left to run"
+    with _tracker_for(process, database_secret, settings) as tracker:
+        proc = tracker.process(process)
+        steps = [(p, stage) for p in proc.platforms for stage in p.stages]
+        tasks = {p.code: tracked_task(proc, p) for p in proc.platforms}
+        _tag_flow_run(flow_run, proc)
+        recovered = tracker.recover_expired_leases(process, limit=100_000)
+        progress = create_progress_artifact(
+            0.0, key=artifact_key("resume-progress", process),
+            description=f"Resume {process}: starting",
+        )
+        claim = Claim(tracker, owner, lease)
+        reserve = min(float(lease), RESERVATION_SECONDS)
+        try:
+            with (
+                Heartbeat(tracker, process, owner, reserve),
+                ThreadPoolTaskRunner(max_workers=concurrency) as runner,
+            ):
+                pipeline = Pipeline(tracker, claim, runner, options, tally, reserve, tasks)
+                next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
+                for index, (platform, stage) in enumerate(steps):
+                    why = pipeline.run(platform, stage, budget)
+                    if time.monotonic() >= next_progress:  # an API call: not every step
+                        next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
+                        update_progress_artifact(
+                            progress, 100.0 * (index + 1) / len(steps),
+                            description=f"{platform.code}.{stage}: {tally.stages_run} stages run",
+                        )
+                    if why is not None:
+                        stopped = why
+                        break
+        finally:
+            claim.stopping.set()
+            _release_unstarted(tracker, process, owner, logger)
+        update_progress_artifact(progress, 100.0, description=f"done: {stopped}")
+        summary = {
+            "process": process,
+            "flow_run_id": owner,
+            "stages_run": tally.stages_run,
+            "recovered_leases": recovered,
+            "by_platform": {p: dict(c) for p, c in tally.by_platform.items()},
+            "top_errors": tally.top_errors(),
+            "stopped": stopped,
+        }
+        publish_summary(process, summary, tally)
+        publish_report(process, tracker)
+    logger.info("resume %s: %d stages run (%s)", process, tally.stages_run, stopped)
+    return summary
+
+
+def _release_unstarted(tracker: Tracker, process: str, owner: str, logger: Any) -> None:
+    """However the run ends (done, an error, SIGTERM, cancellation), give back what it
+    reserved and never started, so no other run waits for its leases."""
+    try:
+        released = tracker.release(process, owner=owner)
+    except Exception as exc:  # e.g. the database is down: the reservations expire instead
+        logger.warning("could not release unstarted stages: %s: %s", type(exc).__name__, exc)
+        return
+    if released:
+        logger.info("released %d reserved stages that did not start", released)
+
+
+def _tag_flow_run(flow_run: Any, process: Process) -> None:
+    """Put the process and platform tags on this flow run (not on every task run)."""
+    tags = {f"process:{process.code}", *(f"platform:{p.code}" for p in process.platforms)}
+    if tags <= set(flow_run.tags):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted(tags | set(flow_run.tags)))
+    except Exception as exc:  # tags are for the UI: never a reason to fail the run
+        get_run_logger().warning("could not tag the flow run: %s", type(exc).__name__)

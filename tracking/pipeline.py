@@ -1,0 +1,238 @@
+"""How a resume run works through its stages: claim only what can start soon, run it as
+Prefect task runs, keep the reservations alive, settle what each task run recorded.
+
+A run goes platform stage by platform stage (``Pipeline.run``), in order, so one run can take
+a transaction from A to B to C. It claims only free task run slots (plus one round ahead in
+stage granularity), so every reserved stage starts soon; a heartbeat renews what is reserved
+but not started; a stage a task run left unrecorded is recorded as a system error if its
+attempt started, else released with its attempts intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tracking.artifacts import Tally
+from tracking.catalog import Platform
+from tracking.decorator import Claim, TxContext, record_unfinished
+from tracking.models import StageState, TxStage
+from tracking.store import MAX_CLAIM, Tracker
+
+# A stage reserved but not started outlives a dead run this long at most (the live run's
+# heartbeat renews it every third of that).
+RESERVATION_SECONDS = 60.0
+Granularity = Literal["stage", "batch"]
+
+
+@task(name="platform-batch", cache_policy=NO_CACHE, persist_result=False,
+      task_run_name="{label}")
+def run_batch(label: str, platform_task: Task[..., Any], contexts: list[TxContext]) -> int:
+    """Run a batch of claimed stages of one platform stage in one task run (each still
+    tracked in SQL)."""
+    for tx in contexts:
+        platform_task.fn(tx)
+    return len(contexts)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a resume run was asked to do (its flow parameters, checked)."""
+
+    process: str
+    uuid: str | None
+    granularity: Granularity
+    batch_size: int
+    concurrency: int
+
+
+class Budget:
+    """The run's limits: ``max_stages`` claimed, ``max_seconds`` of claiming."""
+
+    def __init__(self, max_stages: int | None, max_seconds: float | None) -> None:
+        self.max_stages, self.max_seconds = max_stages, max_seconds
+        self.deadline = time.monotonic() + max_seconds if max_seconds else None
+
+    def room(self, claimed: int) -> int:
+        """How many stages the run may still claim (at most one claim's worth)."""
+        left = MAX_CLAIM if self.max_stages is None else self.max_stages - claimed
+        return min(left, MAX_CLAIM)
+
+    def exceeded(self, claimed: int) -> str | None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return f"time limit of {self.max_seconds}s reached"
+        if self.max_stages is not None and claimed >= self.max_stages:
+            return f"limit of {self.max_stages} stages reached"
+        return None
+
+
+class Heartbeat:
+    """Keeps a live run's reservations from expiring: renews them every third of their
+    lease, in a background thread, so a slow batch never lets another run take over stages
+    this run still holds (a dead run stops renewing, and its reservations come back)."""
+
+    def __init__(self, tracker: Tracker, process: str, owner: str, seconds: float) -> None:
+        self._renew = lambda: tracker.renew_reservations(process, owner=owner, seconds=seconds)
+        self._every = seconds / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat-{owner}",
+                                        daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._renew()
+            except Exception as exc:  # the database may be back at the next beat
+                logging.getLogger("tracking.pipeline").warning(
+                    "could not renew reservations: %s: %s", type(exc).__name__, exc
+                )
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Job:
+    """One task run in flight: the claimed stages it runs and its future."""
+
+    def __init__(self, contexts: list[TxContext], future: PrefectFuture[Any]) -> None:
+        self.contexts = contexts
+        self.future = future
+
+    def ending(self) -> str:
+        """How the task run ended, for a stage it left unrecorded."""
+        try:
+            state = self.future.wrapped_future.result()  # type: ignore[attr-defined]
+        except BaseException as exc:  # a Prefect failure around the task run
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return f"{getattr(state, 'name', state)}: {getattr(state, 'message', '')}"[:500]
+
+
+def _submit(
+    runner: ThreadPoolTaskRunner, platform_task: Task[..., Any], platform: Platform, stage: str,
+    contexts: list[TxContext], granularity: Granularity,
+) -> _Job:
+    if granularity == "stage":
+        (tx,) = contexts
+        return _Job(contexts, runner.submit(platform_task, parameters={"tx": tx}))
+    label = f"{platform.code}.{stage} x{len(contexts)}"
+    params = {"label": label, "platform_task": platform_task, "contexts": contexts}
+    return _Job(contexts, runner.submit(run_batch, parameters=params))
+
+
+class Pipeline:
+    """Runs the runnable stages of a run, one platform stage at a time: claims only what it
+    can start now (a free task run slot), so every reserved stage starts soon."""
+
+    def __init__(
+        self, tracker: Tracker, claim: Claim, runner: ThreadPoolTaskRunner, options: Options,
+        tally: Tally, reserve_seconds: float, tasks: dict[str, Task[..., Any]],
+    ) -> None:
+        self.tracker, self.claim, self.runner, self.tasks = tracker, claim, runner, tasks
+        self.options, self.tally, self.reserve_seconds = options, tally, reserve_seconds
+        self.claimed = 0
+        self._attempts_before: dict[str, int] = {}  # per claimed uuid, of the current step
+
+    def run(self, platform: Platform, stage: str, budget: Budget) -> str | None:
+        """Work on one platform stage until nothing of it is runnable; returns why it
+        stopped early (a limit), if it did."""
+        o = self.options
+        unit = 1 if o.granularity == "stage" else o.batch_size
+        jobs: list[_Job] = []
+        waiting: list[TxContext] = []  # claimed, for the next free task run slot
+        stopped: str | None = None
+        drained = False
+        try:
+            while True:
+                free = o.concurrency - len(jobs) - len(waiting) // unit
+                if not drained and stopped is None and free > 0 and not waiting:
+                    stopped = budget.exceeded(self.claimed)
+                    if stopped is None:
+                        # Stage granularity keeps up to one more round reserved, so a
+                        # claim serves several task runs; batches start as they are claimed.
+                        ahead = o.concurrency if unit == 1 else 0
+                        want = min((free + ahead) * unit, budget.room(self.claimed),
+                                   o.batch_size if unit == 1 else free * unit)
+                        claimed = self.tracker.claim(
+                            o.process, platform.code, stage, owner=self.claim.owner,
+                            uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
+                        )
+                        drained = not claimed
+                        self.claimed += len(claimed)
+                        self._attempts_before.update((c.uuid, c.attempt) for c in claimed)
+                        contexts = [TxContext.of(s, self.claim) for s in claimed]
+                        waiting.extend(contexts)
+                while waiting and len(jobs) < o.concurrency:
+                    jobs.append(_submit(self.runner, self.tasks[platform.code], platform, stage,
+                                        waiting[:unit],
+                                        o.granularity))
+                    del waiting[:unit]
+                if not jobs:
+                    return stopped
+                done, _ = wait(
+                    [j.future.wrapped_future for j in jobs],  # type: ignore[attr-defined]
+                    return_when=FIRST_COMPLETED,
+                )
+                finished = [j for j in jobs if j.future.wrapped_future in done]  # type: ignore[attr-defined]
+                jobs = [j for j in jobs if j not in finished]
+                self._settle(finished)
+        except BaseException:
+            self.claim.stopping.set()  # what has not started must not start now
+            raise
+
+    def _settle(self, jobs: list[_Job]) -> None:
+        """Tally what the finished task runs recorded. A stage they left unrecorded is a
+        system error when its attempt had started (the task run's ending as description),
+        or released, attempts intact, when it never started (Prefect failed before the
+        call, or the run is stopping)."""
+        contexts = []
+        for job in jobs:
+            for tx in job.contexts:
+                if tx.recorded is not None:  # the common case: no need to read it back
+                    self._tally(tx, tx.recorded)
+                else:
+                    contexts.append((tx, job))
+        if not contexts:
+            return
+        first = contexts[0][0]
+        stages = self.tracker.get_stages([tx.uuid for tx, _ in contexts], first.platform,
+                                         first.stage)
+        unstarted = []
+        for (tx, job), stage in zip(contexts, stages, strict=True):
+            mine = stage.lease_owner == self.claim.owner
+            if stage.state == StageState.IN_PROGRESS and mine:
+                if stage.started_at is None:
+                    unstarted.append(tx.uuid)
+                    continue
+                why = f"the task run ended without recording its attempt ({job.ending()})"
+                stage = record_unfinished(self.tracker, tx, why) or stage
+            if mine:
+                self._tally(tx, stage)
+        self._release(unstarted)
+
+    def _tally(self, tx: TxContext, stage: TxStage) -> None:
+        """Count what this run attempted (not a stage it skipped or another run took)."""
+        if stage.attempt > self._attempts_before.pop(tx.uuid, stage.attempt):
+            self.tally.add(stage)
+
+    def _release(self, unstarted: list[str]) -> None:
+        if unstarted:
+            self.claimed -= self.tracker.release(
+                self.options.process, owner=self.claim.owner, uuids=unstarted,
+                reason="its task run ended before starting it",
+            )
+
+
