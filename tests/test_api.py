@@ -442,7 +442,6 @@ def test_listing_filters(client, tracker, clock, make_client):
         {"process": "NOPE"},
         {"cursor": "garbage"},
         {"cursor": "eyJhIjoxfQ"},  # base64 of {"a":1}
-        {"created_from": "2026-01-05T09:00:00"},  # naive
         {"created_from": "yesterday"},
         {"created_from": "2026-01-06T00:00:00Z", "created_to": "2026-01-05T00:00:00Z"},
         {"created_to": "0001-01-01T00:00:00+05:00"},  # before year 1 in UTC
@@ -791,9 +790,8 @@ def test_error_report(reported):
     "params",
     [
         {"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
-        {"from": "2026-01-01T00:00:00"},  # naive
         {"to": "soon"},
-        {"to": "0001-01-03T00:00:00Z"},  # 30 days before is before year 1
+        {"to": "0001-01-03T00:00:00Z"},  # 7 days before is before year 1
         {"from": "9999-12-31T23:00:00-05:00"},  # after year 9999 in UTC
         {"process": "NOPE"},
         {"format": "xml"},
@@ -801,6 +799,19 @@ def test_error_report(reported):
 )
 def test_reports_reject_invalid_filters(client, path, params):
     assert_error(client.get(path, params=params), 422, "VALIDATION_ERROR")
+
+
+def test_naive_datetimes_are_utc_in_the_api_as_in_the_cli(client, tracker, clock):
+    """One window rule for every front end (the API refused naive values, the CLI took them
+    as UTC; the API's default window was 30 days, the CLI's 7)."""
+    _seed(client, tracker, clock, 2)
+    aware = client.get("/reports/summary", params={"from": "2026-01-01T00:00:00Z"}).json()
+    naive = client.get("/reports/summary", params={"from": "2026-01-01T00:00:00"}).json()
+    assert naive == aware and naive["window"]["start"].startswith("2026-01-01T00:00:00")
+    listed = client.get("/transactions", params={"created_from": "2026-01-05T09:00:00"})
+    assert listed.status_code == 200
+    default = client.get("/reports/summary", params={"to": "2026-01-31T00:00:00Z"}).json()
+    assert default["window"]["start"].startswith("2026-01-24T00:00:00")
 
 
 def test_summary_rejects_unknown_state(client):

@@ -37,8 +37,7 @@ from tracking.api.service import (
     resume_flow_runner,
     run_on_deployment,
 )
-from tracking.catalog import load_processes
-from tracking.db import connect
+from tracking.app import App
 from tracking.prefect_server import TemporaryServer
 from tracking.settings import Settings, get_settings
 from tracking.store import Tracker
@@ -54,9 +53,8 @@ def _warm_up() -> None:
 
 
 def _open_tracker(settings: Settings) -> Tracker:
-    """Connect (running migrations) and register the configured processes."""
-    processes = load_processes(settings.processes)
-    return Tracker(connect(settings.database_url, migrate=True), processes=processes)
+    """Connect (the API's startup migrates) and register the configured processes."""
+    return App.open(settings, migrate=True).tracker()
 
 
 def _on_temporary_server(

@@ -17,7 +17,6 @@ import anyio.to_thread
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from tracking.api.errors import ApiError, error_response, validation_error
 from tracking.api.schemas import (
@@ -73,12 +72,12 @@ ProcessFilter = Annotated[
     str | None, Query(max_length=64, description="A process code (see GET /processes).")
 ]
 From = Annotated[
-    AwareDatetime | None,
-    Query(alias="from", description="ISO 8601 with offset; default: 30 days before `to`."),
+    datetime | None,
+    Query(alias="from", description="ISO 8601 (naive: UTC); default: 7 days before `to`."),
 ]
 To = Annotated[
-    AwareDatetime | None,
-    Query(alias="to", description="ISO 8601 with offset, exclusive; default: now (inclusive)."),
+    datetime | None,
+    Query(alias="to", description="ISO 8601 (naive: UTC), exclusive; default: now (inclusive)."),
 ]
 Format = Annotated[
     Literal["json", "csv"] | None,
@@ -175,10 +174,10 @@ def list_transactions(
     state: Annotated[TxState | None, Query()] = None,
     source: Annotated[str | None, Query(max_length=100)] = None,
     created_from: Annotated[
-        AwareDatetime | None, Query(description="Inclusive, ISO 8601 with offset.")
+        datetime | None, Query(description="Inclusive, ISO 8601 (naive values are UTC).")
     ] = None,
     created_to: Annotated[
-        AwareDatetime | None, Query(description="Exclusive, ISO 8601 with offset.")
+        datetime | None, Query(description="Exclusive, ISO 8601 (naive values are UTC).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[

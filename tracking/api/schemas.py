@@ -1,9 +1,10 @@
 """Request and response models of the API, and the validation of what clients send.
 
 Payloads are JSON objects, nested at most ``MAX_PAYLOAD_DEPTH`` levels, whose strings hold
-no NUL character and no lone surrogate (neither can be stored by PostgreSQL). Datetimes in
-query strings are ISO 8601 with a UTC offset (``2026-01-05T09:00:00Z``); naive values are
-rejected with 422. List cursors are opaque strings (base64 of the last row's key).
+no NUL character and no lone surrogate (neither can be stored by PostgreSQL): the one check
+of ``tracking.payloads``, which the store applies to every intake too. Datetimes in query
+strings are ISO 8601 (``2026-01-05T09:00:00Z``); naive values are UTC, as in the CLI. List
+cursors are opaque strings (base64 of the last row's key).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,45 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tracking.api.errors import validation_error
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.outcomes import ErrorType, Outcome
+from tracking.payloads import MAX_PAYLOAD_DEPTH, check_json_value, check_text
 
-MAX_PAYLOAD_DEPTH = 32
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 # -- validation helpers ---------------------------------------------------------------------
-
-
-def check_text(value: str, what: str) -> str:
-    """Refuse strings the databases cannot store (NUL, lone surrogates)."""
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} must be valid Unicode (no lone surrogates)") from None
-    return value
-
-
-def check_json_value(value: Any, max_depth: int = MAX_PAYLOAD_DEPTH) -> None:
-    """Check nesting depth, strings and numbers of a parsed JSON value, without recursion."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > max_depth:
-                raise ValueError(f"payload is nested deeper than {max_depth} levels")
-            for key, child in item.items():
-                check_text(key, "payload keys")
-                stack.append((child, depth + 1))
-        elif isinstance(item, list):
-            if depth > max_depth:
-                raise ValueError(f"payload is nested deeper than {max_depth} levels")
-            stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, str):
-            check_text(item, "payload strings")
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError("payload numbers must be finite (no NaN or Infinity)")
 
 
 def is_uuid(value: str) -> bool:
@@ -68,14 +36,11 @@ def is_uuid(value: str) -> bool:
 
 
 def to_utc(value: datetime | None, name: str) -> datetime | None:
-    """A timezone-aware datetime converted to UTC (422 when it is naive or out of range)."""
+    """A datetime in UTC; naive values are UTC, as everywhere (422 when out of range)."""
     if value is None:
         return None
     if value.tzinfo is None or value.utcoffset() is None:
-        raise validation_error(
-            f"{name} must be an ISO 8601 datetime with a UTC offset (e.g. 2026-01-05T09:00:00Z)",
-            field=name,
-        )
+        value = value.replace(tzinfo=UTC)
     try:
         return value.astimezone(UTC)
     except (OverflowError, ValueError):

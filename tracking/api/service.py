@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,17 +33,15 @@ from tracking.api.schemas import (
 )
 from tracking.db import read_only
 from tracking.errors import TransactionNotFound, UnknownProcessError
-from tracking.models import StageState, TxProcess, TxStage, TxState
-from tracking.reports import Reports
+from tracking.models import TxState
+from tracking.reports import Reports, report_window
 from tracking.settings import Settings, use_database
 from tracking.states import FINAL_TX_STATES
-from tracking.store import Tracker
+from tracking.store import Tracker, reads
+from tracking.store.reads import Runnability
 
 logger = logging.getLogger("tracking.api")
 
-TX = TxProcess.__table__
-STAGE = TxStage.__table__
-DEFAULT_REPORT_DAYS = 30
 PREFECT_HEALTH_TIMEOUT = 1.0
 
 ProcessRunner = Callable[[str, str], Any]
@@ -87,17 +84,6 @@ def log_transition(uuid: str, old: TxState | None, new: TxState, action: str) ->
         "transition",
         extra={"uuid": uuid, "old_state": old_value, "new_state": new.value, "action": action},
     )
-
-
-@dataclass(frozen=True)
-class Runnability:
-    """Whether a transaction has anything to run now (one query, see ``runnability``)."""
-
-    process: str
-    state: TxState
-    runnable: bool
-    running: bool
-    next_attempt_at: datetime | None
 
 
 def already_processed(r: Runnability, *, held_elsewhere: bool = False) -> ApiError:
@@ -225,43 +211,10 @@ class ApiService:
         )
 
     def runnability(self, uuid: str) -> Runnability:
-        """State of the transaction and whether a stage of it can be claimed now, in SQL.
-
-        Runnable: a stage is due (``next_attempt_at <= now``), or a stage's lease expired
-        (its worker died; the claim recovers it). Running: a stage is claimed right now.
-        """
+        """State of the transaction and whether a stage of it can be claimed now."""
         if not is_uuid(uuid):
             raise TransactionNotFound(f"no transaction {uuid!r}")
-        now = self.tracker.clock()
-        mine = STAGE.c.uuid == TX.c.uuid
-        due = sa.and_(STAGE.c.next_attempt_at.is_not(None), STAGE.c.next_attempt_at <= now)
-        expired = sa.and_(
-            STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.lease_expires_at <= now
-        )
-        in_progress = sa.and_(
-            STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.lease_expires_at > now
-        )
-        query = sa.select(
-            TX.c.process_code,
-            TX.c.state,
-            sa.exists().where(mine, sa.or_(due, expired)).label("runnable"),
-            sa.exists().where(mine, in_progress).label("running"),
-            sa.select(sa.func.min(STAGE.c.next_attempt_at)).where(mine)
-            .scalar_subquery().label("next_attempt_at"),
-        ).where(TX.c.uuid == uuid)
-        with read_only(self.tracker.engine) as conn:
-            row = conn.execute(query).one_or_none()
-        if row is None:
-            raise TransactionNotFound(f"no transaction {uuid!r}")
-        next_at = row.next_attempt_at
-        if next_at is not None:
-            next_at = STAGE.c.next_attempt_at.type.process_result_value(
-                datetime.fromisoformat(next_at) if isinstance(next_at, str) else next_at,
-                self.tracker.engine.dialect,
-            )
-        return Runnability(
-            row.process_code, TxState(row.state), bool(row.runnable), bool(row.running), next_at
-        )
+        return reads.runnability(self.tracker.engine, uuid, self.tracker.clock())
 
     def check_runnable(self, uuid: str) -> Runnability:
         """The runnability, or 409 ``ALREADY_PROCESSED`` when nothing can run now."""
@@ -358,25 +311,16 @@ class ApiService:
     def _state(self, uuid: str) -> TxState:
         if not is_uuid(uuid):
             raise TransactionNotFound(f"no transaction {uuid!r}")
-        with read_only(self.tracker.engine) as conn:
-            state = conn.execute(
-                sa.select(TX.c.state).where(TX.c.uuid == uuid)
-            ).scalar_one_or_none()
-        if state is None:
-            raise TransactionNotFound(f"no transaction {uuid!r}")
-        return TxState(state)
+        return reads.runnability(self.tracker.engine, uuid, self.tracker.clock()).state
 
     # -- reports ---------------------------------------------------------------------------
 
     def window(self, start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
-        """The report window: ``end`` defaults to now (inclusive), ``start`` to 30 days before."""
-        if end is None:
-            end = self.tracker.clock() + timedelta(microseconds=1)
-        if start is None:
-            try:
-                start = end - timedelta(days=DEFAULT_REPORT_DAYS)
-            except OverflowError:
-                raise validation_error("to is out of range", field="to") from None
-        if start > end:
-            raise validation_error("from is after to", field="from")
-        return start, end
+        """The report window (``tracking.reports.report_window``: ``to`` defaults to now,
+        inclusive; ``from`` to 7 days before); 422 when it is reversed or out of range."""
+        now = self.tracker.clock() + timedelta(microseconds=1)
+        try:
+            return report_window(start, end, now=now)
+        except ValueError as exc:
+            field = "from" if "after" in str(exc) or end is not None else "to"
+            raise validation_error(str(exc), field=field) from None

@@ -6,6 +6,8 @@ Read-only connections (``db.read_only``) never take SQLite's write lock.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,8 +17,8 @@ from sqlmodel import Session, select
 
 from tracking.db import read_only
 from tracking.errors import TransactionNotFound
-from tracking.models import TxProcess, TxStage
-from tracking.store.sql import CHUNK, TX, check_uuid
+from tracking.models import StageState, TxProcess, TxStage, TxState
+from tracking.store.sql import CHUNK, STAGE, TX, check_uuid
 
 
 def process_of(engine: Engine, uuid: str) -> str:
@@ -74,3 +76,48 @@ def get_pending_stages(engine: Engine, query: sa.Select[Any]) -> list[TxStage]:
     with read_only(engine) as conn, Session(bind=conn) as session:
         return list(session.exec(rows).all())
 
+
+
+@dataclass(frozen=True)
+class Runnability:
+    """Whether a transaction has anything to run now (see ``runnability``)."""
+
+    process: str
+    state: TxState
+    runnable: bool
+    running: bool
+    next_attempt_at: datetime | None
+
+
+def runnability(engine: Engine, uuid: str, now: datetime) -> Runnability:
+    """State of the transaction and whether a stage of it can be claimed now, in one query.
+
+    Runnable: a stage is due (what ``claims.runnable`` finds), or a stage's lease expired (its
+    worker died; the next claim recovers it). Running: a stage is claimed right now.
+    """
+    check_uuid(uuid)
+    mine = STAGE.c.uuid == TX.c.uuid
+    due = sa.and_(STAGE.c.next_attempt_at.is_not(None), STAGE.c.next_attempt_at <= now)
+    claimed = STAGE.c.state == StageState.IN_PROGRESS
+    expired = sa.and_(claimed, STAGE.c.lease_expires_at <= now)
+    query = sa.select(
+        TX.c.process_code,
+        TX.c.state,
+        sa.exists().where(mine, sa.or_(due, expired)).label("runnable"),
+        sa.exists().where(mine, claimed, STAGE.c.lease_expires_at > now).label("running"),
+        sa.select(sa.func.min(STAGE.c.next_attempt_at)).where(mine)
+        .scalar_subquery().label("next_attempt_at"),
+    ).where(TX.c.uuid == uuid)
+    with read_only(engine) as conn:
+        row = conn.execute(query).one_or_none()
+    if row is None:
+        raise TransactionNotFound(f"no transaction {uuid!r}")
+    next_at = row.next_attempt_at
+    if next_at is not None:  # an aggregate comes back untyped (a string on SQLite)
+        next_at = STAGE.c.next_attempt_at.type.process_result_value(
+            datetime.fromisoformat(next_at) if isinstance(next_at, str) else next_at,
+            engine.dialect,
+        )
+    return Runnability(
+        row.process_code, TxState(row.state), bool(row.runnable), bool(row.running), next_at
+    )
