@@ -38,6 +38,7 @@ from tracking.reports import (
     StageDuration,
     StateCount,
 )
+from tracking.states import WAITING_TX_STATES
 
 COLOURS = {
     "PENDING": "#93c5fd",
@@ -167,8 +168,7 @@ def _kpis(by_state: Sequence[StateCount]) -> list[dict[str, Any]]:
     total = sum(counts.values())
     finished = sum(counts.get(s, 0) for s in (TxState.COMPLETED, TxState.REJECTED,
                                                TxState.EXHAUSTED, TxState.CANCELLED))
-    waiting = sum(counts.get(s, 0) for s in (TxState.PENDING, TxState.IN_PROGRESS,
-                                              TxState.TERMINATED))
+    waiting = sum(counts.get(s, 0) for s in WAITING_TX_STATES)
     rate = f"{100 * counts.get(TxState.COMPLETED, 0) / finished:.0f}%" if finished else "–"
     cards = [
         ("Transactions", total, "#0f172a", "created in the window"),

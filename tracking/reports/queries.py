@@ -12,11 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,6 +33,19 @@ from tracking.models import (
     utcnow,
 )
 from tracking.outcomes import Outcome
+from tracking.reports.rows import (
+    AgingItem,
+    AttemptCount,
+    ErrorCount,
+    HourlyThroughput,
+    PlatformStageStateCount,
+    PlatformStateCount,
+    ProcessStateCount,
+    RequeueCandidate,
+    StageDuration,
+    StateCount,
+)
+from tracking.reports.window import check_window
 from tracking.states import REQUEUABLE_TX_STATES, WAITING_TX_STATES
 
 TX = TxProcess.__table__
@@ -46,148 +55,6 @@ STAGE_2 = STAGE.alias("stage_2")
 CATALOG_PROCESS = CatalogProcess.__table__
 CATALOG_PLATFORM = CatalogPlatform.__table__
 
-
-@dataclass(frozen=True)
-class StateCount:
-    state: TxState
-    count: int
-
-
-@dataclass(frozen=True)
-class ProcessStateCount:
-    process: str
-    state: TxState
-    count: int
-
-
-@dataclass(frozen=True)
-class PlatformStateCount:
-    platform: str
-    state: StageState
-    count: int
-
-
-@dataclass(frozen=True)
-class PlatformStageStateCount:
-    platform: str
-    stage: str
-    state: StageState
-    count: int
-
-
-@dataclass(frozen=True)
-class ErrorCount:
-    process: str
-    platform: str
-    outcome: Outcome
-    error_code: int
-    count: int
-    last_seen: datetime
-    description: str | None
-
-
-@dataclass(frozen=True)
-class AgingItem:
-    """A transaction still waiting (PENDING, IN_PROGRESS or TERMINATED) and where it waits."""
-
-    uuid: str
-    process: str
-    business_key: str
-    state: TxState
-    platform: str
-    stage: str
-    stage_state: StageState
-    attempts: int
-    attempts_allowed: int | None
-    next_attempt_at: datetime | None
-    error_code: int | None
-    error_description: str | None
-    created_at: datetime
-    age_seconds: float
-
-
-@dataclass(frozen=True)
-class AttemptCount:
-    """How many stages of a platform took ``attempts`` attempts (0: not tried yet)."""
-
-    platform: str
-    attempts: int
-    stages: int
-
-
-@dataclass(frozen=True)
-class HourlyThroughput:
-    """Transactions that finished in the hour starting at ``hour``, by final state."""
-
-    hour: datetime
-    completed: int
-    rejected: int
-    exhausted: int
-    cancelled: int
-
-    @property
-    def finished(self) -> int:
-        return self.completed + self.rejected + self.exhausted + self.cancelled
-
-
-@dataclass(frozen=True)
-class StageDuration:
-    """Attempt durations of one platform: count, mean, 95th percentile (nearest rank), max."""
-
-    process: str
-    platform: str
-    attempts: int
-    mean_seconds: float
-    p95_seconds: float
-    max_seconds: float
-
-
-@dataclass(frozen=True)
-class RequeueCandidate:
-    """A stopped transaction an operator may requeue, with the stage where it stopped."""
-
-    uuid: str
-    process: str
-    business_key: str
-    state: TxState
-    platform: str
-    stage: str
-    error_code: int | None
-    error_description: str | None
-    updated_at: datetime
-
-
-DEFAULT_REPORT_WINDOW = timedelta(days=7)
-
-
-def report_window(
-    start: datetime | None, end: datetime | None, *, now: datetime,
-    default: timedelta = DEFAULT_REPORT_WINDOW,
-) -> tuple[datetime, datetime]:
-    """The one window rule of every report (CLI, API, artifacts): ``[start, end)`` in UTC;
-    ``end`` defaults to now, ``start`` to ``default`` (7 days) before ``end``; naive values
-    are UTC. ``ValueError`` when ``start`` is after ``end`` or a value is out of range."""
-    def utc(value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-    try:
-        stop = now if end is None else utc(end)
-        begin = stop - default if start is None else utc(start)
-    except (OverflowError, ValueError):
-        raise ValueError("the report window is out of range") from None
-    if begin > stop:
-        raise ValueError(f"from ({begin.isoformat()}) is after to ({stop.isoformat()})")
-    return begin, stop
-
-
-def _check_window(start: datetime, end: datetime) -> None:
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, datetime):
-            raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
-        if value.tzinfo is None:
-            raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value}")
-    if start > end:
-        raise ValueError(f"start ({start.isoformat()}) is after end ({end.isoformat()})")
 
 
 class Reports:
@@ -204,7 +71,7 @@ class Reports:
     def _tx_window(
         query: sa.Select[Any], start: datetime, end: datetime, process: str | None
     ) -> sa.Select[Any]:
-        _check_window(start, end)
+        check_window(start, end)
         query = query.where(TX.c.created_at >= start, TX.c.created_at < end)
         return query.where(TX.c.process_code == process) if process else query
 
@@ -231,7 +98,7 @@ class Reports:
         query: sa.Select[Any], start: datetime, end: datetime, process: str | None
     ) -> sa.Select[Any]:
         # A stage's created_at is its transaction's: no join, an index-only scan.
-        _check_window(start, end)
+        check_window(start, end)
         query = query.where(STAGE.c.created_at >= start, STAGE.c.created_at < end)
         return query.where(STAGE.c.process_code == process) if process else query
 
@@ -274,7 +141,7 @@ class Reports:
         limit: int | None = None,
     ) -> list[TxProcess]:
         """Transactions created in the window, oldest first."""
-        _check_window(start, end)
+        check_window(start, end)
         q = select(TxProcess).where(TxProcess.created_at >= start, TxProcess.created_at < end)
         if process:
             q = q.where(TxProcess.process_code == process)
@@ -334,7 +201,7 @@ class Reports:
         self, start: datetime, end: datetime, process: str | None = None, *, limit: int = 10
     ) -> list[ErrorCount]:
         """The most frequent error codes of attempts made in the window, with a description."""
-        _check_window(start, end)
+        check_window(start, end)
         failed = [Outcome.BUSINESS_ERROR, Outcome.SYSTEM_ERROR]
         q = (
             sa.select(
@@ -451,7 +318,7 @@ class Reports:
             for row in reports.throughput_by_hour(now - timedelta(hours=24), now):
                 print(row.hour.strftime("%H:00"), row.completed)
         """
-        _check_window(start, end)
+        check_window(start, end)
         bucket = _hour_bucket(TX.c.finished_at, self.engine.dialect.name).label("hour")
         inner = sa.select(bucket, TX.c.state).where(
             TX.c.finished_at >= start, TX.c.finished_at < end
@@ -490,7 +357,7 @@ class Reports:
             for row in reports.stage_durations(start, end):
                 print(row.platform, row.mean_seconds, row.p95_seconds)
         """
-        _check_window(start, end)
+        check_window(start, end)
         seconds = _seconds_between(EVENT.c.started_at, EVENT.c.created_at, self.engine.dialect)
         attempts = sa.select(EVENT.c.process_code, EVENT.c.platform, seconds.label("seconds"))
         attempts = attempts.where(
@@ -588,6 +455,7 @@ class Reports:
         return [r.code for r in self._rows(q)]
 
 
+
 def _aware(value: datetime | None, name: str) -> datetime | None:
     if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
         raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
@@ -627,114 +495,3 @@ def _as_utc(value: Any, column_type: Any, dialect: sa.Dialect) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return column_type.process_result_value(value, dialect)
-
-
-def as_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
-    """Report rows (dataclasses or SQLModel objects) as plain dicts of JSON-friendly values."""
-    out = []
-    for row in rows:
-        data = asdict(row) if is_dataclass(row) else row.model_dump()
-        out.append({k: _plain(v) for k, v in data.items()})
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "value") and isinstance(value, str):
-        return value.value
-    return value
-
-
-def to_csv(rows: Sequence[Any], columns: Sequence[str] | None = None) -> str:
-    """Report rows as CSV text with a header line."""
-    dicts = as_dicts(rows)
-    if columns is None:
-        if dicts:
-            columns = list(dicts[0])
-        elif rows and is_dataclass(rows[0]):
-            columns = [f.name for f in fields(rows[0])]
-        else:
-            columns = []
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for d in dicts:
-        writer.writerow(
-            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in d.items()}
-        )
-    return buf.getvalue()
-
-
-def summary_markdown(
-    reports: Reports, start: datetime, end: datetime, process: str | None = None
-) -> str:
-    """A markdown summary of the window: totals by state, stages per platform, top errors.
-
-    The runner publishes it as a Prefect markdown artifact after each run.
-
-    Example:
-        from prefect.artifacts import create_markdown_artifact
-        create_markdown_artifact(summary_markdown(Reports(engine), start, end, "CANCELLATION"))
-    """
-    by_state = reports.summary_by_state(start, end, process)
-    stages = reports.stage_summary_by_platform(start, end, process)
-    errors = reports.top_errors(start, end, process)
-    total = sum(r.count for r in by_state)
-    title = f"Tracking summary: {process or 'all processes'}"
-    lines = [
-        f"# {title}",
-        "",
-        f"Transactions created from {_md_time(start)} to {_md_time(end)} (UTC): **{total}**",
-        "",
-        "## Transactions by state",
-        "",
-        *_md_table(["State", "Transactions"], [[r.state.value, r.count] for r in by_state]),
-        "",
-        "## Stages per platform",
-        "",
-        *_md_platform_table(stages),
-        "",
-        "## Top errors",
-        "",
-        *_md_table(
-            ["Process", "Platform", "Outcome", "Code", "Count", "Last seen", "Description"],
-            [
-                [e.process, e.platform, e.outcome.value, e.error_code, e.count,
-                 _md_time(e.last_seen), e.description or ""]
-                for e in errors
-            ],
-        ),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _md_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
-
-
-def _md_cell(value: Any) -> str:
-    text = " ".join(str(value).split())  # one line
-    return text.replace("|", "\\|")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    if not rows:
-        return ["_none_"]
-    align = ["---:" if isinstance(v, int | float) else "---" for v in rows[0]]
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(align) + " |",
-        *("| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows),
-    ]
-
-
-def _md_platform_table(stages: Sequence[PlatformStateCount]) -> list[str]:
-    platforms = list(dict.fromkeys(r.platform for r in stages))
-    states = [s for s in StageState if any(r.state == s for r in stages)]
-    counts = {(r.platform, r.state): r.count for r in stages}
-    rows = [
-        [p, *(counts.get((p, s), 0) for s in states), sum(counts.get((p, s), 0) for s in states)]
-        for p in platforms
-    ]
-    return _md_table(["Platform", *(s.value for s in states), "Total"], rows)
