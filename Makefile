@@ -22,8 +22,9 @@ test: $(STAMP)
 # The standing proofs alone (several workers, kill -9, SIGTERM, outage, contention).
 proof: $(STAMP)
 	TRACKING_TEST_POSTGRES_URL=$${TRACKING_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test} \
-		$(BIN)/python -m pytest tests/test_proof_workers.py tests/test_proof_crash.py \
-		tests/test_proof_outage.py tests/test_proof_contention.py tests/test_flow_reliability.py tests/test_properties.py $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/prefect/test_proof_workers.py tests/prefect/test_proof_crash.py \
+		tests/prefect/test_proof_outage.py tests/prefect/test_proof_contention.py \
+		tests/prefect/test_flow_reliability.py tests/integration/test_properties.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""The process of the crash proofs (tests/test_proof_crash.py): PROOF's outcome pattern, with
+"""The process of the crash proofs (tests/prefect/test_proof_crash.py): PROOF's outcome pattern, with
 a pause in every platform call so that kills land while calls are running.
 
 ``TRACKING_PROCESSES=tests.crash_processes:processes`` loads it; ``TRACKING_PROOF_SLEEP`` is

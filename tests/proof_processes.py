@@ -1,4 +1,4 @@
-"""Processes of the standing proofs (tests/test_proof_*.py), run in worker subprocesses.
+"""Processes of the standing proofs (tests/prefect/test_proof_*.py), run in worker subprocesses.
 
 ``TRACKING_PROCESSES=tests.proof_processes:processes`` loads them. Every platform call
 appends one line to the side-effect log named by ``TRACKING_PROOF_SIDE_EFFECTS`` (when set):

@@ -1,4 +1,4 @@
-"""Helpers of the standing proofs (tests/test_proof_*.py): subprocesses that are always
+"""Helpers of the standing proofs (tests/prefect/test_proof_*.py): subprocesses that are always
 stopped, a Prefect server of our own, the side-effect log, and audit-trail checks.
 
 Every subprocess is started in a session of its own (``start_new_session``) with the marker

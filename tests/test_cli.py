@@ -146,6 +146,16 @@ def test_db_upgrade_with_a_bad_url_or_revision(cli):
     assert result.code == 2 and "unknown revision" in result.err
 
 
+def test_only_db_upgrade_migrates(cli, tmp_path):
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    for args in (["report", "summary"], ["tx", "show", "x"], ["requeue", "--process", P]):
+        result = cli("--database-url", url, *args)
+        assert result.code == 1, args
+        assert "run `tracking db upgrade`" in result.err and result.err.count("\n") == 1, args
+    assert cli("--database-url", url, "db", "upgrade").code == 0
+    assert cli("--database-url", url, "report", "summary").code == 0
+
+
 def test_processes_shows_the_catalog(cli):
     result = cli("processes")
     assert result.code == 0
@@ -321,28 +331,40 @@ def test_api_runs_uvicorn_with_host_port_and_database(cli, monkeypatch):
         calls.append((app, kwargs, os.environ.get("TRACKING_DATABASE_URL")))
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    assert cli("api", "--host", "0.0.0.0", "--port", "9000").code == 0
-    assert calls[-1][:2] == ("tracking.api:app", {"host": "0.0.0.0", "port": 9000})
     before = os.environ["TRACKING_DATABASE_URL"]
+    assert cli("api", "--host", "0.0.0.0", "--port", "9000").code == 0
+    app, kwargs, seen = calls[-1]
+    assert kwargs == {"host": "0.0.0.0", "port": 9000}
+    assert app.state.settings.database_url == before  # an app built on the settings
     assert cli("--database-url", "sqlite:///api.db", "api").code == 0
-    assert calls[-1] == ("tracking.api:app", {"host": "127.0.0.1", "port": 8000},
-                         "sqlite:///api.db")
-    assert os.environ["TRACKING_DATABASE_URL"] == before  # restored
+    app, kwargs, seen = calls[-1]
+    assert kwargs == {"host": "127.0.0.1", "port": 8000}
+    assert app.state.settings.database_url == "sqlite:///api.db"
+    assert seen == before and os.environ["TRACKING_DATABASE_URL"] == before  # env untouched
     assert cli("api", "--port", "70000").code == 2
 
 
-def test_serve_and_demo_call_their_main(cli, monkeypatch):
+def test_serve_and_demo_call_their_main(cli, monkeypatch, env):
     import deployments.serve
     import flows.demo
 
-    calls = []
+    calls, urls = [], []
     monkeypatch.setattr(deployments.serve, "main", lambda: calls.append("serve"))
-    monkeypatch.setattr(flows.demo, "main", lambda: calls.append("demo") or 0)
+    monkeypatch.setattr(flows.demo, "main",
+                        lambda database_url: urls.append(database_url) or calls.append("demo")
+                        or 0)
     assert cli("serve").code == 0
     assert cli("demo").code == 0
     assert calls == ["serve", "demo"]
-    monkeypatch.setattr(flows.demo, "main", lambda: 1)
+    assert cli("--database-url", "sqlite:///demo.db", "demo").code == 0
+    assert urls == [env, "sqlite:///demo.db"]  # the demo is given its database
+    monkeypatch.setattr(flows.demo, "main", lambda database_url: 1)
     assert cli("demo").code == 1
+
+    # Served flow runs read TRACKING_DATABASE_URL: serve refuses --database-url.
+    refused = cli("--database-url", "sqlite:///serve.db", "serve")
+    assert refused.code == 2 and "TRACKING_DATABASE_URL" in refused.err
+    assert calls == ["serve", "demo", "demo"]
 
     def broken():
         raise OSError("address already in use")

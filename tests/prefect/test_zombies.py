@@ -32,7 +32,7 @@ from deployments.automations import (
 )
 from tracking.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEST_AUTOMATION = "test: crash zombie flow runs quickly"
 
 

@@ -29,7 +29,7 @@ from tracking.models import EventKind
 from tracking.flows import deployment_name, intake_flow, resume_flow
 from tracking.items import read_items
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

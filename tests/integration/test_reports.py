@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.test_queries import count_statements
+from tests.integration.test_queries import count_statements
 from tracking import ExecutionResult, Reports, StageState, TxState
 from tracking.reports import AttemptCount, HourlyThroughput, summary_markdown
 

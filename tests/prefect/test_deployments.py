@@ -18,7 +18,7 @@ import yaml
 from prefect.flows import load_flow_from_entrypoint
 
 from deployments.automations import TRACKING_TAG
-from tests.test_zombies import ROOT, deploy_prefect_yaml
+from tests.prefect.test_zombies import ROOT, deploy_prefect_yaml
 from tracking.settings import DEFAULT_PROCESSES
 
 DEPLOYMENT = "resume/order-cancellation"

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import FakeClock
 from tests.sample_processes import build_scenario, process
-from tests.test_queries import count_statements
+from tests.integration.test_queries import count_statements
 from tools.report_screenshot import (
     check_not_blank,
     find_chromium,
