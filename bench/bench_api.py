@@ -5,7 +5,8 @@ The script
 1. creates a fresh database (a SQLite file in a temporary directory, or with
    ``--database-url postgresql://...`` a database of its own on that server, dropped at the
    end) and seeds ``--seed`` transactions (default 100,000) with ``Tracker.start_many``;
-2. starts ``uvicorn tracking.api:app`` (one worker, 127.0.0.1, a free port) in a subprocess,
+2. starts ``uvicorn --factory tracking.api:create_app`` (one worker, 127.0.0.1, a free port)
+   in a subprocess,
    with the API's own logging on at INFO (written to a file, as in production);
 3. drives it over keep-alive connections (asyncio, ``--concurrency`` requests in flight,
    default 16; a minimal HTTP/1.1 client, because httpx's own overhead caps it at a few
@@ -111,7 +112,7 @@ def free_port() -> int:
 
 @contextmanager
 def server(url: str, log_path: Path, uvicorn_args: list[str] | None = None) -> Iterator[str]:
-    """``uvicorn tracking.api:app`` with one worker on a free loopback port.
+    """``uvicorn --factory tracking.api:create_app`` with one worker on a free loopback port.
 
     uvicorn uses httptools and uvloop when they are importable (``uvicorn[standard]``);
     ``--uvicorn-args "--http h11"`` and the like choose explicitly.
@@ -128,7 +129,8 @@ def server(url: str, log_path: Path, uvicorn_args: list[str] | None = None) -> I
     }
     env.pop("TRACKING_API_KEY", None)
     command = [
-        sys.executable, "-m", "uvicorn", "tracking.api:app", "--host", "127.0.0.1",
+        sys.executable, "-m", "uvicorn", "--factory", "tracking.api:create_app",
+        "--host", "127.0.0.1",
         "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning",
         *(uvicorn_args or []),
     ]
@@ -408,7 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform_mod.platform(),
             "load_average_before": [round(x, 2) for x in load_before],
         },
-        "server": "uvicorn tracking.api:app, 1 worker, 127.0.0.1, API logging at INFO",
+        "server": "uvicorn --factory tracking.api:create_app, 1 worker, 127.0.0.1, "
+                  "API logging at INFO",
         "uvicorn": _uvicorn_stack(args.uvicorn_args),
         "client": "raw asyncio HTTP/1.1 keep-alive" if args.client == "raw" else "httpx",
         "server_log_lines": log_lines,

@@ -1,7 +1,7 @@
 """The HTTP intake and reporting API over the tracking store (FastAPI).
 
-Run it with ``uvicorn tracking.api:app`` (settings from ``TRACKING_*`` variables, read at
-startup), or build an app of your own::
+Run it with ``tracking api`` or ``uvicorn --factory tracking.api:create_app`` (settings from
+``TRACKING_*`` variables, read at startup), or build an app of your own::
 
     from tracking.api import create_app
     app = create_app(settings, tracker=tracker)      # tests inject settings and a tracker
@@ -184,7 +184,4 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-app = create_app()
-"""The app ``uvicorn tracking.api:app`` serves (settings read at startup)."""
-
-__all__ = ["ApiError", "app", "create_app"]
+__all__ = ["ApiError", "create_app"]
