@@ -461,3 +461,30 @@ def test_a_stage_keeps_the_retry_policy_it_was_created_under(engine, clock):
     clock.advance(60)
     assert bare.complete_stage(uuid, "A", -1).next_attempt_at == clock.now + timedelta(
         seconds=100)
+
+
+def _nested(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"request_id": "FE-1", "note": "a\x00b"}, "payload strings must not contain NUL"),
+        ({"request_id": "FE-1", "k\x00": 1}, "payload keys must not contain NUL"),
+        ({"request_id": "FE-1", "x": float("nan")}, "payload numbers must be finite"),
+        ({"request_id": "FE-1", "deep": _nested(40)}, "payload is nested deeper than 32 levels"),
+    ],
+)
+def test_payloads_the_databases_cannot_store_are_refused_by_the_store(tracker, payload, message):
+    """The NUL check PostgreSQL needs lived only in the API: the Python API and the CLI let a
+    NUL reach PostgreSQL, which failed with a driver error. The store checks every payload."""
+    with pytest.raises(ValueError, match=message):
+        tracker.start_or_resume("CANCELLATION", payload)
+    with pytest.raises(ValueError, match=f"payload #1: {message}"):
+        tracker.start_many("CANCELLATION", [{"request_id": "ok"}, payload])
+    with tracker.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM tx_process")).scalar_one() == 0

@@ -33,7 +33,7 @@ from tracking.api.schemas import (
 )
 from tracking.db import read_only
 from tracking.errors import TransactionNotFound, UnknownProcessError
-from tracking.models import TxState
+from tracking.models import TxProcess, TxState
 from tracking.reports import Reports, report_window
 from tracking.settings import Settings, use_database
 from tracking.states import FINAL_TX_STATES
@@ -295,17 +295,18 @@ class ApiService:
         )
 
     def cancel(self, uuid: str, reason: str | None, actor: str | None) -> TransactionDetail:
-        before = self._state(uuid)
-        tx = self.tracker.cancel(uuid, reason=reason or "cancelled through the API",
-                                 actor=actor or "api")
-        log_transition(uuid, before, tx.state, "cancel")
-        return TransactionDetail.of(tx)
+        return self._operate(uuid, "cancel", lambda: self.tracker.cancel(
+            uuid, reason=reason or "cancelled through the API", actor=actor or "api"))
 
     def requeue(self, uuid: str, reason: str | None, actor: str | None) -> TransactionDetail:
+        return self._operate(uuid, "requeue", lambda: self.tracker.requeue(
+            uuid, reason=reason or "requeued through the API", actor=actor or "api"))
+
+    def _operate(self, uuid: str, action: str, act: Callable[[], TxProcess]) -> TransactionDetail:
+        """An operator action on one transaction, with its state change logged."""
         before = self._state(uuid)
-        tx = self.tracker.requeue(uuid, reason=reason or "requeued through the API",
-                                  actor=actor or "api")
-        log_transition(uuid, before, tx.state, "requeue")
+        tx = act()
+        log_transition(uuid, before, tx.state, action)
         return TransactionDetail.of(tx)
 
     def _state(self, uuid: str) -> TxState:

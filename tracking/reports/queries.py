@@ -1,14 +1,6 @@
-"""SQL reports on the tracking store.
-
-Every report takes a window ``[start, end)`` of timezone-aware datetimes (transactions by
-their creation time, errors by when they happened) and an optional process code, and runs
-one grouped SQL query.
-
-Example:
-    reports = Reports(engine)
-    for row in reports.summary_by_state(start, end, process="CANCELLATION"):
-        print(row.state, row.count)
-"""
+"""``Reports``: the SQL reports, each one grouped query over a window ``[start, end)`` of
+timezone-aware datetimes (transactions by their creation time, errors by when they happened)
+and an optional process code."""
 
 from __future__ import annotations
 
