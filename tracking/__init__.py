@@ -5,7 +5,7 @@ Example:
 
     process = Process("CANCELLATION", platforms=[Platform("A", order=1)],
                       dedup=KeyFields("request_id"))
-    tracker = Tracker(connect(), processes=[process])
+    tracker = Tracker(connect("sqlite:///tracking.db", migrate=True), processes=[process])
     uuid, is_new = tracker.start_or_resume("CANCELLATION", {"request_id": "FE-1"})
 """
 

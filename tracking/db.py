@@ -2,9 +2,11 @@
 
 ``connect(url)`` returns a SQLAlchemy engine on the tracking database; it migrates only when
 asked (``migrate=True``: ``tracking db upgrade``, the demo, the API's startup, tests), and the
-flows check that the schema is current (``check_schema``) instead of changing it. SQLite (the embedded default) is set up for several processes: WAL,
-a busy timeout and ``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of
-failing. PostgreSQL uses psycopg 3.
+flows check that the schema is current (``check_schema``) instead of changing it.
+
+SQLite (the embedded default) is set up for several processes: WAL, a busy timeout and
+``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of failing. PostgreSQL
+uses psycopg 3.
 
 Example:
     engine = connect("sqlite:///tracking.db", migrate=True)   # created and migrated
@@ -26,7 +28,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from tracking.errors import TrackingError
-from tracking.settings import get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -152,16 +153,16 @@ def check_schema(engine: Engine) -> None:
         )
 
 
-def connect(url: str | None = None, *, migrate: bool = False) -> Engine:
+def connect(url: str, *, migrate: bool = False) -> Engine:
     """An engine on the tracking database.
 
     Args:
-        url: a SQLAlchemy URL; default ``TRACKING_DATABASE_URL`` (a SQLite file
-            ``tracking.db`` in the working directory when unset).
+        url: a SQLAlchemy URL (an entry point takes it from its settings:
+            ``Settings().database_url``, ``TRACKING_DATABASE_URL``).
         migrate: bring the schema up to date first (the database is created on first use
             for SQLite). Default: leave it alone.
     """
-    engine = create_engine(url or get_settings().database_url)
+    engine = create_engine(url)
     if migrate and current_revision(engine) != head_revision():
         upgrade(engine)
     return engine

@@ -9,7 +9,7 @@ it as ``Markup``.
 
 Example:
     from tracking import Reports, connect
-    page = render_html(Reports(connect()), start, end, process="ORDER_CANCELLATION")
+    page = render_html(Reports(connect("sqlite:///tracking.db")), start, end, process="P")
     Path("report.html").write_text(page, encoding="utf-8")
 
 or ``tracking report html --out report.html``.
