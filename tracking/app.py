@@ -26,9 +26,10 @@ from sqlalchemy.engine import Engine
 
 from tracking.catalog import Process, find_process, load_processes
 from tracking.db import connect
-from tracking.errors import TrackingError, UnknownProcessError
+from tracking.errors import TrackingError, TransactionNotFound, UnknownProcessError
 from tracking.items import IntakeSummary, read_items, take_in
 from tracking.models import TxProcess
+from tracking.payloads import MAX_SOURCE_LENGTH
 from tracking.reports import Reports
 from tracking.settings import Settings, use_database
 from tracking.store import Tracker
@@ -138,7 +139,7 @@ class App:
             raise ValueError("give exactly one of items or path")
         if path is not None:
             items = read_items(path)
-            source = source or Path(path).name
+            source = source or Path(path).name[:MAX_SOURCE_LENGTH]  # a long name still fits
         return take_in(self.tracker(), process, items, source=source, chunk_size=chunk_size,
                        on_chunk=on_chunk)
 
@@ -149,11 +150,20 @@ class App:
         from tracking.flows import resume_flow
         from tracking.prefect_server import quiet_settings
 
-        url = self.engine.url.render_as_string(hide_password=False)
-        with quiet_settings(), use_database(url):
+        # The URL as configured: the engine's is normalised (postgresql+psycopg://...).
+        with quiet_settings(), use_database(self.settings.database_url):
             return resume_flow(process=process, **options)
 
     # -- operator actions -----------------------------------------------------------------
+
+    def check_transactions(self, uuids: Iterable[str]) -> None:
+        """Before an operator action on a list: every uuid must be a transaction, else
+        ``TransactionNotFound`` naming all the unknown ones (and nothing is changed)."""
+        wanted = list(dict.fromkeys(uuids))
+        known = self.reports().existing_uuids(wanted)
+        missing = [u for u in wanted if u not in known]
+        if missing:
+            raise TransactionNotFound(f"unknown transaction(s): {', '.join(missing)}")
 
     def cancel_many(self, uuids: Iterable[str], *, reason: str, actor: str) -> list[ActionResult]:
         """Cancel each transaction; one result per distinct uuid, in order."""
