@@ -1,5 +1,5 @@
-"""The process of the crash proofs (tests/prefect/test_proof_crash.py): PROOF's outcome pattern, with
-a pause in every platform call so that kills land while calls are running.
+"""The process of the crash proofs (tests/prefect/test_proof_crash.py): PROOF's outcome
+pattern, with a pause in every platform call so that kills land while calls are running.
 
 ``TRACKING_PROCESSES=tests.crash_processes:processes`` loads it; ``TRACKING_PROOF_SLEEP`` is
 the pause (seconds, default 0.01) and ``TRACKING_PROOF_SIDE_EFFECTS`` the side-effect log.

@@ -1,6 +1,7 @@
 """Render the HTML report of the sample scenario and screenshot it with headless Chromium.
 
-A tool, run from the checkout by ``make screenshot``, and used by ``tests/integration/test_html_report.py``::
+A tool, run from the checkout by ``make screenshot``, and used by
+``tests/integration/test_html_report.py``::
 
     python -m tools.report_screenshot build/report-sample.html build/report-sample.png
 

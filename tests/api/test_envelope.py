@@ -169,8 +169,8 @@ def test_the_key_is_checked_before_the_body_is_validated(make_client, tracker):
 def test_settings_read_at_startup_decide_which_routes_need_the_key(
     tracker, db_url, monkeypatch
 ):
-    """create_app() without settings (uvicorn --factory tracking.api:create_app) wires the key at startup,
-    and again at a later startup whose settings change it."""
+    """create_app() without settings (uvicorn --factory tracking.api:create_app) wires the
+    key at startup, and again at a later startup whose settings change it."""
     monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
     monkeypatch.setenv("TRACKING_API_KEY", "s3cret")
     monkeypatch.setenv("TRACKING_API_KEY_FOR_READS", "false")

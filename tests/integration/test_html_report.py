@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import FakeClock
-from tests.sample_processes import build_scenario, process
 from tests.integration.test_queries import count_statements
+from tests.sample_processes import build_scenario, process
 from tools.report_screenshot import (
     check_not_blank,
     find_chromium,

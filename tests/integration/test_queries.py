@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from tracking.store import claims
 from tracking import Tracker
+from tracking.store import claims
 
 P = "CANCELLATION"
 

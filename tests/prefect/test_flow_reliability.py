@@ -16,8 +16,8 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from tests import flow_processes
 from tests.flow_processes import busy, slow_batch
 from tracking import StageState, Tracker, connect
-from tracking.models import EventKind
 from tracking.flows import intake_flow, resume_flow
+from tracking.models import EventKind
 from tracking.settings import use_database
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -165,8 +165,10 @@ def test_a_worker_run_refuses_a_sqlite_file_in_its_temporary_directory(
     assert "relative SQLite path 'tracking.db'" in state.message
     assert "temporary directory" in state.message
     assert not (workdir / "tracking.db").exists()
-    # Outside a deployment run (the CLI, the demo) the relative path is the user's choice.
+    # Outside a deployment run (the CLI, the demo) the relative path is the user's choice
+    # (set up, as every database, by `tracking db upgrade`).
     monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
+    connect("sqlite:///tracking.db", migrate=True).dispose()
     assert resume_flow(process="BUSY")["stages_run"] == 0
 
 

@@ -25,9 +25,9 @@ from tests import flow_processes
 from tests.flow_processes import BEHAVIOURS, busy, do_what_the_payload_says, outcomes
 from tracking import Reports, StageState, Tracker, TxState, connect
 from tracking.decorator import TxContext, tracked_task
-from tracking.models import EventKind
 from tracking.flows import deployment_name, intake_flow, resume_flow
 from tracking.items import read_items
+from tracking.models import EventKind
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -267,10 +267,12 @@ def test_the_pattern_is_what_a_single_worker_produces(tmp_path):
     """The oracle of the proof above, checked against one worker on its own: run after run,
     each claiming every runnable stage and executing it through the tracking decorator
     (what a batch task run does, without Prefect), until a run finds nothing to do."""
-    from tracking.decorator import Claim, TxContext
+    from tracking.decorator import Claim, TxContext, tracked_task
 
-    tracker = Tracker(connect(f"sqlite:///{tmp_path / 'one.db'}", migrate=True), processes=[proof])
+    engine = connect(f"sqlite:///{tmp_path / 'one.db'}", migrate=True)
+    tracker = Tracker(engine, processes=[proof])
     tracker.start_many(proof.code, proof_items(0, 400))
+    tasks = {p.code: tracked_task(proof, p) for p in proof.platforms}
     for run in range(10):
         claim = Claim(tracker, f"run-{run}", 1800)
         done = 0
@@ -278,7 +280,7 @@ def test_the_pattern_is_what_a_single_worker_produces(tmp_path):
             while stages := tracker.claim(proof.code, platform.code, owner=claim.owner,
                                           limit=200):
                 for stage in stages:
-                    platform.fn(TxContext.of(stage, claim))
+                    tasks[platform.code].fn(TxContext.of(stage, claim))
                 done += len(stages)
         if not done:
             break

@@ -28,7 +28,7 @@ from tracking.cli import BadInput, main, parse_time, window
 from tracking.db import head_revision
 from tracking.reports import as_dicts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = "tests.sample_processes:process"
 
 
