@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from tracking.catalog import Process, find_process, load_processes
 from tracking.db import connect
-from tracking.errors import TrackingError, TransactionNotFound, UnknownProcessError
+from tracking.errors import TrackingError, TransactionNotFound
 from tracking.items import IntakeSummary, read_items, take_in
 from tracking.models import TxProcess
 from tracking.payloads import MAX_SOURCE_LENGTH
@@ -112,14 +112,8 @@ class App:
         return Reports(self.engine)
 
     def check_reported_process(self, code: str | None) -> str | None:
-        """Reports may name any process in the database's catalog."""
-        if code is not None:
-            known = self.reports().process_codes()
-            if code not in known:
-                raise UnknownProcessError(
-                    f"unknown process {code!r} (registered: {', '.join(known) or 'none'})"
-                )
-        return code
+        """Reports may name any process in the database's catalog (``Reports.check_process``)."""
+        return self.reports().check_process(code)
 
     # -- intake and runs -----------------------------------------------------------------
 

@@ -203,3 +203,16 @@ def test_concurrent_summaries_are_all_correct(client, tracker):
     assert {b["total"] for b in bodies} == {5}
     submit(client, "C-new")  # committed before the next request: it must be counted
     assert client.get("/reports/summary").json()["total"] == 6
+
+
+def test_reports_name_any_process_in_the_catalog_as_in_the_cli(client, tracker):
+    """The API accepted only its own TRACKING_PROCESSES in reports while the CLI accepted
+    every process in the database's catalog: one rule now (``Reports.check_process``)."""
+    from tracking import Platform, Process, Tracker
+
+    Tracker(tracker.engine, processes=[Process("ELSEWHERE", platforms=[Platform("A", order=1)])])
+    response = client.get("/reports/summary", params={"process": "ELSEWHERE"})
+    assert response.status_code == 200, response.text
+    assert response.json()["total"] == 0
+    assert_error(client.get("/reports/summary", params={"process": "NOPE"}), 422,
+                 "VALIDATION_ERROR")

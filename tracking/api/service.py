@@ -172,10 +172,9 @@ class ApiService:
     # -- catalog ---------------------------------------------------------------------------
 
     def check_process(self, code: str | None) -> str | None:
-        """``code`` when it is a registered process (or None); 422 otherwise."""
-        if code is not None:
-            self.tracker.process(code)  # UnknownProcessError -> 422
-        return code
+        """``code`` when reports and listings may name it (any process in the database's
+        catalog, as in the CLI) or None; 422 otherwise."""
+        return self.reports.check_process(code)  # UnknownProcessError -> 422
 
     # -- transactions ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tracking.db import read_only
+from tracking.errors import UnknownProcessError
 from tracking.models import (
     CatalogPlatform,
     CatalogProcess,
@@ -445,6 +446,17 @@ class Reports:
         """Codes of every process registered in this database's catalog."""
         q = sa.select(CATALOG_PROCESS.c.code).order_by(CATALOG_PROCESS.c.code)
         return [r.code for r in self._rows(q)]
+
+    def check_process(self, code: str | None) -> str | None:
+        """``code`` if reports may name it: any process in the database's catalog, imported
+        by this program or not (``UnknownProcessError`` otherwise; None passes)."""
+        if code is not None:
+            known = self.process_codes()
+            if code not in known:
+                raise UnknownProcessError(
+                    f"unknown process {code!r} (registered: {', '.join(known) or 'none'})"
+                )
+        return code
 
 
 
