@@ -51,8 +51,8 @@ from prefect.types.entrypoint import EntrypointType
 from pydantic import TypeAdapter
 
 from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
-from tracking.catalog import load_processes
-from tracking.settings import get_settings
+from tracking.app import configured_processes
+from tracking.settings import Settings
 
 PREFECT_YAML = "prefect.yaml"
 
@@ -131,7 +131,7 @@ def build_deployments(
     """
     path = Path(prefect_file) if prefect_file is not None else prefect_yaml_path()
     entries = read_prefect_yaml(path)
-    codes = process_codes or [p.code for p in load_processes(get_settings().processes)]
+    codes = process_codes or [p.code for p in configured_processes(Settings())]
     flows: dict[str, Flow[..., Any]] = {}
 
     def flow_of(entry: dict[str, Any]) -> Flow[..., Any]:
