@@ -504,7 +504,7 @@ def _tracking_timer() -> CallTimer:
     timer = CallTimer()
     for owner, attr, label in (
         (Tracker, "complete_stage", "Tracker.complete_stage (in the task)"),
-        (Tracker, "_process_of", "  of which Tracker._process_of (extra read)"),
+        (Tracker, "start_attempt", "Tracker.start_attempt (in the task)"),
         (decorator, "get_run_logger", "get_run_logger (in the task)"),
         (decorator, "_call", "the platform function (no-op)"),
         (Tracker, "claim", "Tracker.claim (flow)"),
@@ -512,7 +512,7 @@ def _tracking_timer() -> CallTimer:
         (Tracker, "recover_expired_leases", "Tracker.recover_expired_leases (flow + claims)"),
         (runner, "update_progress_artifact", "update_progress_artifact (flow, per claim)"),
         (runner, "create_progress_artifact", "create_progress_artifact (flow, once)"),
-        (runner, "_publish_summary", "summary artifacts (flow, once)"),
+        (runner, "publish_summary", "summary artifacts (flow, once)"),
         (runner, "connect", "tracking.connect (flow, once)"),
     ):
         timer.wrap(owner, attr, label)

@@ -17,18 +17,21 @@ __all__ = ["SAMPLE_FILE", "main", "process", "run_demo"]
 def main(runs: int = 3, database_url: str | None = None) -> int:
     """Intake the sample file, run the resume flow a few times, print the reports.
 
-    Without ``PREFECT_API_URL`` the flows run on Prefect's temporary server, started here
-    with its telemetry off (it would contend for the server's SQLite database and log a
-    traceback) and stopped before returning.
+    ``database_url`` defaults to ``TRACKING_DATABASE_URL`` (the settings, read here: this is
+    the demo's entry point). Without ``PREFECT_API_URL`` the flows run on Prefect's temporary
+    server, started here with its telemetry off (it would contend for the server's SQLite
+    database and log a traceback) and stopped before returning.
     """
     from tracking.prefect_server import temporary_server
+    from tracking.settings import Settings
 
+    url = database_url or Settings().database_url
     with temporary_server() as server:
         server.start()
-        return run_demo(runs, database_url)
+        return run_demo(runs, url)
 
 
-def run_demo(runs: int = 3, database_url: str | None = None) -> int:
+def run_demo(runs: int, database_url: str) -> int:
     """The demo itself, on whatever Prefect server the settings name."""
     from rich.console import Console
     from rich.table import Table

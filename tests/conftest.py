@@ -8,15 +8,17 @@ and drops it at the end. Without the variable those tests are skipped (CI sets i
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tests.pg import fresh_database
 from tracking import KeyFields, Platform, Process, RetryPolicy, Tracker, connect
+from tracking.db import current_revision, head_revision
 
 POSTGRES_ENV = "TRACKING_TEST_POSTGRES_URL"
 
@@ -49,14 +51,7 @@ def cancellation_process() -> Process:
     )
 
 
-@pytest.fixture(scope="session")
-def postgres_server_url() -> Iterator[str]:
-    """A database of its own on the PostgreSQL server, for this test session."""
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"{POSTGRES_ENV} is not set")
-    with fresh_database(url) as database_url:
-        yield database_url
+TABLES = "tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process"
 
 
 def migrated(url: str) -> str:
@@ -66,19 +61,48 @@ def migrated(url: str) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A database of its own on the PostgreSQL server, for this test session (migrated)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    with fresh_database(url) as database_url:
+        yield migrated(database_url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A migrated SQLite file, made once: each test gets a copy (migrating per test costs
+    more than the test)."""
+    path = tmp_path_factory.mktemp("template") / "tracking.db"
+    migrated(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def sqlite_url(tmp_path) -> str:
-    return migrated(f"sqlite:///{tmp_path / 'tracking.db'}")
+def sqlite_url(tmp_path, sqlite_template: Path) -> str:
+    """A migrated SQLite file of this test's own."""
+    shutil.copyfile(sqlite_template, tmp_path / "tracking.db")
+    return f"sqlite:///{tmp_path / 'tracking.db'}"
 
 
 @pytest.fixture
 def postgres_url(postgres_server_url: str) -> Iterator[str]:
-    """A freshly migrated database: every table dropped after the test."""
-    yield migrated(postgres_server_url)
-    engine = sa.create_engine(postgres_server_url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    engine.dispose()
+    """The session's migrated database, emptied after the test (TRUNCATE fires no row
+    trigger); rebuilt when a test left another schema revision (a downgrade test)."""
+    yield postgres_server_url
+    engine = connect(postgres_server_url)
+    try:
+        if current_revision(engine) == head_revision():
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+            return
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        engine.dispose()
+    migrated(postgres_server_url)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
