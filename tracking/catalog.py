@@ -63,6 +63,9 @@ class Platform:
             (``None`` for catalog-only definitions).
         task_options: Prefect task options for its task runs (``retries``,
             ``timeout_seconds``...).
+        record_each: in batch granularity, start and record each attempt on its own
+            before the next call (for calls that must never be repeated after a crash);
+            by default a batch's attempts start together and are recorded together.
     """
 
     code: str
@@ -71,6 +74,7 @@ class Platform:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fn: Callable[..., Any] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    record_each: bool = False
 
     def __post_init__(self) -> None:
         _check_code("platform", self.code)
@@ -187,6 +191,7 @@ class Process:
         order: int | None = None,
         stages: Iterable[str] = (DEFAULT_STAGE,),
         retry: RetryPolicy | None = None,
+        record_each: bool = False,
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorator: make a function a platform of this process.
@@ -212,6 +217,7 @@ class Process:
                     retry=retry or RetryPolicy(),
                     fn=fn,
                     task_options=dict(task_options),
+                    record_each=record_each,
                 )
             )
             return fn

@@ -50,7 +50,7 @@ from tracking.catalog import Platform, Process
 from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
-from tracking.store import Tracker
+from tracking.store import Completion, Tracker
 
 REJECTED = "Rejected"
 SYSTEM_ERROR = "SystemError"
@@ -71,6 +71,10 @@ class Claim:
     owner: str
     lease_seconds: float
     stopping: threading.Event = field(default_factory=threading.Event, compare=False)
+    # Transactions whose attempt returned and waits to be recorded with its batch: the
+    # run's heartbeat keeps their leases alive meanwhile.
+    awaiting: set[str] = field(default_factory=set, compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
 
 class TxContext:
@@ -199,6 +203,57 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
         return Failed(name=LEASE_LOST, message=str(exc))
     tx.recorded = stage
     return state_for(result, stage)
+
+
+def execute_batch(fn: Callable[[TxContext], Any], contexts: list[TxContext]) -> int:
+    """Run the attempts of a batch of claimed stages of one platform stage and record them
+    together. Each attempt starts right before its call (so a crash loses only the call that
+    was running); the results are written at the end in one database transaction
+    (``Tracker.complete_many``), and until then the run's heartbeat keeps the leases of the
+    finished calls alive. Returns how many were recorded.
+
+    A run that is stopping starts no further call. If the process dies before the batch is
+    recorded, its finished calls are recorded as lost attempts (once each) and retried, so
+    nothing is recorded twice; a platform whose calls must never be repeated after a crash
+    says ``Platform(record_each=True)`` and runs through ``execute``, recorded call by call.
+    """
+    claim = contexts[0].claim
+    assert claim is not None, "execute_batch() needs claimed stages"
+    flow_run_id, task_run_id, _ = _run_ids()
+    tracker = claim.tracker
+    try:
+        logger: Any = get_run_logger()
+    except Exception:  # outside a run context (batch helpers in tests)
+        logger = contexts[0].logger
+    started: list[TxContext] = []
+    completions: list[Completion] = []
+    try:
+        for tx in contexts:
+            if claim.stopping.is_set():
+                break
+            try:
+                tx.attempt = tracker.start_attempt(tx.uuid, tx.platform, tx.stage,
+                                                   owner=claim.owner,
+                                                   lease_seconds=claim.lease_seconds)
+            except LeaseLost as exc:
+                logger.warning("not started: %s", exc)
+                continue
+            tx.logger = logger
+            result = _call(fn, tx)
+            with claim.lock:
+                claim.awaiting.add(tx.uuid)
+            started.append(tx)
+            completions.append(Completion(tx.uuid, tx.platform, tx.stage, result, task_run_id))
+        recorded = tracker.complete_many(completions, owner=claim.owner, flow_run_id=flow_run_id)
+    finally:
+        with claim.lock:
+            claim.awaiting.difference_update(tx.uuid for tx in started)
+    for tx, stage in zip(started, recorded, strict=True):
+        if isinstance(stage, LeaseLost):
+            logger.warning("attempt not recorded: %s", stage)
+        else:
+            tx.recorded = stage
+    return sum(tx.recorded is not None for tx in started)
 
 
 def state_for(result: ExecutionResult, stage: TxStage) -> State[Any]:

@@ -205,7 +205,7 @@ def resume_flow(
         reserve = min(float(lease), RESERVATION_SECONDS)
         try:
             with (
-                Heartbeat(tracker, process, owner, reserve),
+                Heartbeat(tracker, process, claim, reserve),
                 ThreadPoolTaskRunner(max_workers=concurrency) as runner,
             ):
                 pipeline = Pipeline(tracker, claim, runner, options, tally, reserve, tasks)

@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tracking.artifacts import Tally
 from tracking.catalog import Platform
-from tracking.decorator import Claim, TxContext, record_unfinished
+from tracking.decorator import Claim, TxContext, execute_batch, record_unfinished
 from tracking.models import StageState, TxStage
 from tracking.store import MAX_CLAIM, Tracker
 
@@ -36,12 +36,17 @@ Granularity = Literal["stage", "batch"]
 
 @task(name="platform-batch", cache_policy=NO_CACHE, persist_result=False,
       task_run_name="{label}")
-def run_batch(label: str, platform_task: Task[..., Any], contexts: list[TxContext]) -> int:
+def run_batch(
+    label: str, platform_task: Task[..., Any], platform: Platform, contexts: list[TxContext]
+) -> int:
     """Run a batch of claimed stages of one platform stage in one task run (each still
-    tracked in SQL)."""
-    for tx in contexts:
-        platform_task.fn(tx)
-    return len(contexts)
+    tracked in SQL): started and recorded together, or one by one when the platform says
+    ``record_each``."""
+    if platform.record_each or platform.fn is None:
+        for tx in contexts:
+            platform_task.fn(tx)
+        return len(contexts)
+    return execute_batch(platform.fn, contexts)
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,24 @@ class Budget:
 
 
 class Heartbeat:
-    """Keeps a live run's reservations from expiring: renews them every third of their
-    lease, in a background thread, so a slow batch never lets another run take over stages
-    this run still holds (a dead run stops renewing, and its reservations come back)."""
+    """Keeps a live run's leases from expiring: renews them every third of their length, in
+    a background thread, so a slow batch never lets another run take over stages this run
+    still holds (a dead run stops renewing, and its stages come back). Renewed: what is
+    reserved but not started, and attempts whose call returned and whose batch is not
+    recorded yet (``Claim.awaiting``) — never a call in progress, which keeps its own lease
+    (a stuck call loses it)."""
 
-    def __init__(self, tracker: Tracker, process: str, owner: str, seconds: float) -> None:
-        self._renew = lambda: tracker.renew_reservations(process, owner=owner, seconds=seconds)
+    def __init__(self, tracker: Tracker, process: str, claim: Claim, seconds: float) -> None:
+        owner = claim.owner
+
+        def renew() -> None:
+            tracker.renew_reservations(process, owner=owner, seconds=seconds)
+            with claim.lock:
+                awaiting = list(claim.awaiting)
+            if awaiting:
+                tracker.renew_attempts(awaiting, owner=owner, seconds=seconds)
+
+        self._renew = renew
         self._every = seconds / 3
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat-{owner}",
@@ -129,7 +146,8 @@ def _submit(
         (tx,) = contexts
         return _Job(contexts, runner.submit(platform_task, parameters={"tx": tx}))
     label = f"{platform.code}.{stage} x{len(contexts)}"
-    params = {"label": label, "platform_task": platform_task, "contexts": contexts}
+    params = {"label": label, "platform_task": platform_task, "platform": platform,
+              "contexts": contexts}
     return _Job(contexts, runner.submit(run_batch, parameters=params))
 
 

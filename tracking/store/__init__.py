@@ -10,5 +10,6 @@
 from tracking.store.intake import Intake
 from tracking.store.sql import MAX_CLAIM
 from tracking.store.tracker import Tracker
+from tracking.store.transitions import Completion
 
-__all__ = ["MAX_CLAIM", "Intake", "Tracker"]
+__all__ = ["MAX_CLAIM", "Completion", "Intake", "Tracker"]

@@ -210,6 +210,21 @@ def renew(engine: Engine, process_code: str, owner: str, expires: datetime) -> i
         return conn.execute(sa.update(STAGE).where(held).values(lease_expires_at=expires)).rowcount
 
 
+def renew_started(engine: Engine, uuids: Sequence[str], owner: str, expires: datetime) -> int:
+    """Renew the leases of the started attempts of these transactions that ``owner`` holds."""
+    renewed = 0
+    with engine.begin() as conn:
+        for i in range(0, len(uuids), CHUNK):
+            renewed += conn.execute(
+                sa.update(STAGE)
+                .where(STAGE.c.uuid.in_(list(uuids[i : i + CHUNK])),
+                       STAGE.c.lease_owner == owner, STAGE.c.state == StageState.IN_PROGRESS,
+                       STAGE.c.started_at.is_not(None))
+                .values(lease_expires_at=expires)
+            ).rowcount
+    return renewed
+
+
 def held_by(process_code: str, owner: str) -> list[Any]:
     """Conditions of the stages of a process that ``owner`` holds."""
     return [

@@ -26,12 +26,13 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from tracking.catalog import Platform, Process
-from tracking.errors import UnknownProcessError
+from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.models import EventKind, TxProcess, TxStage, utcnow
 from tracking.outcomes import ExecutionResult, to_result
 from tracking.store import catalog, claims, intake, reads, transitions
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
+from tracking.store.transitions import Completion
 
 
 class Tracker:
@@ -197,6 +198,14 @@ class Tracker:
         return claims.start_attempt(self.engine, uuid, platform, stage, owner, self.clock(),
                                     lease_seconds)
 
+    def renew_attempts(self, uuids: Sequence[str], *, owner: str, seconds: float) -> int:
+        """Keep the leases of started attempts of these transactions alive (``owner``'s):
+        for attempts whose call returned and whose result waits to be recorded with its
+        batch. Returns how many were renewed."""
+        owner = check_owner(owner)
+        expires = self.clock() + timedelta(seconds=check_seconds(seconds))
+        return claims.renew_started(self.engine, list(uuids), owner, expires)
+
     def renew_reservations(self, process_code: str, *, owner: str, seconds: float) -> int:
         """Keep the reservations of a live run from expiring: each not-yet-started stage that
         ``owner`` holds is reserved for ``seconds`` from now (one statement). Started
@@ -263,6 +272,33 @@ class Tracker:
                 conn, tx, stages, row, result, now, self.rng, kind=EventKind.ATTEMPT,
                 actor=owner, flow_run_id=flow_run_id, task_run_id=task_run_id,
             )
+
+    def complete_many(
+        self, completions: Sequence[Completion], *, owner: str, flow_run_id: str | None = None,
+    ) -> list[TxStage | LeaseLost]:
+        """Record the results of many claimed stages (one per transaction) in one database
+        transaction, with a handful of set-based statements whatever their number.
+
+        Example:
+            done = tracker.complete_many(
+                [Completion(uuid, "SAP", "main", ExecutionResult(0)) for uuid in uuids],
+                owner="run-42",
+            )
+
+        Each entry of the answer is the recorded stage, in order, or a ``LeaseLost`` for a
+        stage no longer claimed by ``owner`` (nothing is written for it; the others are).
+        """
+        owner = check_owner(owner)
+        completions = [
+            c if isinstance(c.result, ExecutionResult)
+            else Completion(c.uuid, c.platform, c.stage, to_result(c.result), c.task_run_id)
+            for c in completions
+        ]
+        if not completions:
+            return []
+        with self.engine.begin() as conn:
+            return transitions.apply_many(conn, completions, owner, self.clock(), self.rng,
+                                          flow_run_id=flow_run_id)
 
     # -- operator actions ------------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""``Tracker.complete_many``: a batch of results recorded in one database transaction with a
+handful of statements, to the same end as one ``complete_stage`` each."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import cancellation_process
+from tests.integration.test_queries import count_statements
+from tracking import ExecutionResult, LeaseLost, StageState, Tracker, TxState
+from tracking.store import Completion
+
+P = "CANCELLATION"
+CODES = [0, 0, 7, -1, 0, -3, 0, 5]  # success, business and system errors
+
+
+def _claimed(tracker: Tracker, n: int, owner: str = "run-1"):
+    tracker.start_many(P, [{"request_id": f"M{i}"} for i in range(n)])
+    stages = tracker.claim(P, "A", owner=owner, limit=n)
+    for s in stages:
+        tracker.start_attempt(s.uuid, "A", "validate", owner=owner)
+    return stages
+
+
+def _snapshot(tracker: Tracker) -> list[tuple]:
+    with tracker.engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT p.business_key, p.state, s.seq, s.state, s.attempt, s.error_code, "
+            "s.next_attempt_at IS NOT NULL FROM tx_process p JOIN tx_stage s ON s.uuid = p.uuid "
+            "ORDER BY p.business_key, s.seq")).all()
+        events = conn.execute(sa.text(
+            "SELECT p.business_key, e.kind, e.attempt, e.outcome, e.to_state, e.tx_state "
+            "FROM tx_event e JOIN tx_process p ON p.uuid = e.uuid ORDER BY p.business_key, e.id"
+        )).all()
+    return [tuple(r) for r in rows] + [tuple(e) for e in events]
+
+
+def test_complete_many_ends_as_one_complete_stage_each(engine, clock):
+    one = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    stages = _claimed(one, len(CODES))
+    for s, code in zip(stages, CODES, strict=True):
+        one.complete_stage(s.uuid, "A", code, stage="validate", owner="run-1")
+    singly = _snapshot(one)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM tx_stage")
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("TRUNCATE tx_event, tx_process CASCADE")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER tx_event_no_delete")
+            conn.exec_driver_sql("DELETE FROM tx_event")
+            conn.exec_driver_sql("DELETE FROM tx_process")
+    stages = _claimed(one, len(CODES))
+    done = one.complete_many(
+        [Completion(s.uuid, "A", "validate", ExecutionResult(c)) for s, c in zip(
+            stages, CODES, strict=True)],
+        owner="run-1",
+    )
+    assert [d.state for d in done] == [
+        StageState.COMPLETED, StageState.COMPLETED, StageState.REJECTED, StageState.EXHAUSTED,
+        StageState.COMPLETED, StageState.EXHAUSTED, StageState.COMPLETED, StageState.REJECTED]
+    assert _snapshot(one) == singly
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_complete_many_costs_a_handful_of_statements_whatever_the_batch(tracker, n):
+    stages = _claimed(tracker, n)
+    with count_statements(tracker.engine) as seen:
+        tracker.complete_many([Completion(s.uuid, "A", "validate", ExecutionResult(0))
+                               for s in stages], owner="run-1")
+    assert len(seen) <= 6, seen  # lock stages, lock transactions, 4 writes
+    tx = tracker.get_transaction(stages[-1].uuid)
+    assert tx.state == TxState.IN_PROGRESS
+    assert tx.stages[1].next_attempt_at is not None  # B.process is runnable now
+
+
+def test_a_stage_claimed_by_another_run_is_not_written(tracker, clock):
+    stages = _claimed(tracker, 3)
+    for s in (stages[0], stages[2]):
+        tracker.extend_lease(s.uuid, "A", owner="run-1", seconds=7200)
+    clock.advance(1801)  # the middle one's lease expired: another run records it as lost
+    assert tracker.recover_expired_leases(P) == 1
+    done = tracker.complete_many(
+        [Completion(s.uuid, "A", "validate", ExecutionResult(0)) for s in stages],
+        owner="run-1",
+    )
+    assert isinstance(done[1], LeaseLost)
+    assert [done[0].state, done[2].state] == [StageState.COMPLETED, StageState.COMPLETED]
+    lost = tracker.get_transaction(stages[1].uuid)
+    assert lost.state == TxState.EXHAUSTED and lost.events[-1].kind == "LEASE_EXPIRED"
+    with pytest.raises(ValueError, match="one result per transaction"):
+        tracker.complete_many([Completion(stages[0].uuid, "A", "validate", 0)] * 2,
+                              owner="run-1")
