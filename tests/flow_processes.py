@@ -80,3 +80,24 @@ def slow_call(tx: TxContext) -> int:
 
 
 processes.append(slow_batch)
+
+# A platform with one licensed session (at most one call at a time, across runs) before one
+# without a limit; ``peak`` is the most calls of each seen at once.
+sessions = Process("SESSIONS", dedup=KeyFields("id"))
+in_call: Counter[str] = Counter()
+peak: Counter[str] = Counter()
+
+
+def _occupy(tx: TxContext) -> int:
+    with _lock:
+        in_call[tx.platform] += 1
+        peak[tx.platform] = max(peak[tx.platform], in_call[tx.platform])
+    time.sleep(0.15)
+    with _lock:
+        in_call[tx.platform] -= 1
+    return 0
+
+
+sessions.platform("ROBOT", order=1, concurrency=1)(_occupy)
+sessions.platform("FREE", order=2)(_occupy)
+processes.append(sessions)

@@ -27,7 +27,7 @@ from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, 
 from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFailure
 from tracking.policy import RetryPolicy
 from tracking.reports import Reports
-from tracking.store import Tracker
+from tracking.store import Completion, Tracker
 
 try:
     __version__ = version("prefect-tracking")
@@ -36,6 +36,7 @@ except PackageNotFoundError:  # imported from a checkout that is not installed
 
 __all__ = [
     "BusinessError",
+    "Completion",
     "Custom",
     "DatabaseUnavailable",
     "EventKind",

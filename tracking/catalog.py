@@ -63,6 +63,9 @@ class Platform:
             (``None`` for catalog-only definitions).
         task_options: Prefect task options for its task runs (``retries``,
             ``timeout_seconds``...).
+        concurrency: at most this many calls of this platform at once, across all workers
+            and runs (licensed robot or application sessions), through a Prefect global
+            concurrency limit; ``None`` (default) is no limit and costs no API call.
         record_each: in batch granularity, start and record each attempt on its own
             before the next call (for calls that must never be repeated after a crash);
             by default a batch's attempts start together and are recorded together.
@@ -74,6 +77,7 @@ class Platform:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fn: Callable[..., Any] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    concurrency: int | None = None
     record_each: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +95,10 @@ class Platform:
             raise ValueError(f"platform {self.code!r} repeats a stage: {self.stages}")
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError(f"platform {self.code!r}: retry must be a RetryPolicy")
+        c = self.concurrency
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"platform {self.code!r}: concurrency must be an int >= 1 or None, "
+                             f"got {c!r}")
         if "retry_condition_fn" in self.task_options:
             raise ValueError("retry_condition_fn is set by the tracking decorator; do not pass it")
 
@@ -191,6 +199,7 @@ class Process:
         order: int | None = None,
         stages: Iterable[str] = (DEFAULT_STAGE,),
         retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
         record_each: bool = False,
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -217,6 +226,7 @@ class Process:
                     retry=retry or RetryPolicy(),
                     fn=fn,
                     task_options=dict(task_options),
+                    concurrency=concurrency,
                     record_each=record_each,
                 )
             )
@@ -236,6 +246,7 @@ class Process:
                     "order": p.order,
                     "stages": list(p.stages),
                     "retry": p.retry.as_dict(),
+                    "concurrency": p.concurrency,
                 }
                 for p in self.platforms
             ],

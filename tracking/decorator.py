@@ -36,7 +36,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,8 +166,30 @@ def _call(fn: Callable[[TxContext], Any], tx: TxContext) -> ExecutionResult:
         return ExecutionResult(-1, f"platform {tx.platform!r} returned an invalid result: {exc}")
 
 
-def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
-    """Run one attempt of a claimed stage, record it, and say how it ended as a State."""
+def concurrency_limit_name(process: str, platform: str) -> str:
+    """The Prefect global concurrency limit of a platform with ``concurrency=N``."""
+    return f"tracking:{process}:{platform}"
+
+
+@contextmanager
+def session(limit: str | None) -> Iterator[None]:
+    """One of the platform's sessions for the duration of a call (a slot of its Prefect
+    global concurrency limit, waited for), or nothing for a platform without a limit. Only
+    those task runs pay the slot API calls."""
+    if limit is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit, occupy=1, strict=True):
+        yield
+
+
+def execute(
+    fn: Callable[[TxContext], Any], tx: TxContext, limit: str | None = None
+) -> State[Any]:
+    """Run one attempt of a claimed stage, record it, and say how it ended as a State.
+    ``limit`` names the platform's concurrency limit, if it has one."""
     claim = tx.claim
     assert claim is not None, "execute() needs a claimed stage"
     flow_run_id, task_run_id, run_count = _run_ids()
@@ -184,15 +207,17 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
         )
         if stage is None:
             return Completed(name=SKIPPED, message="the stage can no longer run (it changed)")
-    try:
-        # The attempt counts from here; a lost reservation means another run may have it.
-        tx.attempt = tracker.start_attempt(
-            tx.uuid, tx.platform, tx.stage, owner=claim.owner, lease_seconds=claim.lease_seconds
-        )
-    except LeaseLost as exc:
-        tx.logger.warning("not started: %s", exc)
-        return Completed(name=SKIPPED, message=f"not started: {exc}")
-    result = _call(fn, tx)
+    with session(limit):  # waiting for a session is not part of the attempt
+        try:
+            # The attempt counts from here; a lost reservation means another run may have it.
+            tx.attempt = tracker.start_attempt(
+                tx.uuid, tx.platform, tx.stage, owner=claim.owner,
+                lease_seconds=claim.lease_seconds,
+            )
+        except LeaseLost as exc:
+            tx.logger.warning("not started: %s", exc)
+            return Completed(name=SKIPPED, message=f"not started: {exc}")
+        result = _call(fn, tx)
     try:
         stage = tracker.complete_stage(
             tx.uuid, tx.platform, result, stage=tx.stage, owner=claim.owner,
@@ -205,7 +230,9 @@ def execute(fn: Callable[[TxContext], Any], tx: TxContext) -> State[Any]:
     return state_for(result, stage)
 
 
-def execute_batch(fn: Callable[[TxContext], Any], contexts: list[TxContext]) -> int:
+def execute_batch(
+    fn: Callable[[TxContext], Any], contexts: list[TxContext], limit: str | None = None
+) -> int:
     """Run the attempts of a batch of claimed stages of one platform stage and record them
     together. Each attempt starts right before its call (so a crash loses only the call that
     was running); the results are written at the end in one database transaction
@@ -231,15 +258,16 @@ def execute_batch(fn: Callable[[TxContext], Any], contexts: list[TxContext]) -> 
         for tx in contexts:
             if claim.stopping.is_set():
                 break
-            try:
-                tx.attempt = tracker.start_attempt(tx.uuid, tx.platform, tx.stage,
-                                                   owner=claim.owner,
-                                                   lease_seconds=claim.lease_seconds)
-            except LeaseLost as exc:
-                logger.warning("not started: %s", exc)
-                continue
-            tx.logger = logger
-            result = _call(fn, tx)
+            with session(limit):
+                try:
+                    tx.attempt = tracker.start_attempt(tx.uuid, tx.platform, tx.stage,
+                                                       owner=claim.owner,
+                                                       lease_seconds=claim.lease_seconds)
+                except LeaseLost as exc:
+                    logger.warning("not started: %s", exc)
+                    continue
+                tx.logger = logger
+                result = _call(fn, tx)
             with claim.lock:
                 claim.awaiting.add(tx.uuid)
             started.append(tx)
@@ -283,10 +311,12 @@ def tracked_task(process: Process, platform: Platform) -> Task[[TxContext], Any]
             "with @process.platform(...)"
         )
 
+    limit = concurrency_limit_name(process.code, platform.code) if platform.concurrency else None
+
     def run(tx: TxContext) -> Any:
         if tx.claim is None:
             return fn(tx)  # a plain call, e.g. a unit test of the platform function
-        return execute(fn, tx)
+        return execute(fn, tx, limit)
 
     functools.update_wrapper(run, fn)
     options: dict[str, Any] = {

@@ -43,7 +43,7 @@ from tracking.artifacts import (
 )
 from tracking.catalog import Process, find_process, load_processes
 from tracking.db import check_schema, connect, normalise_url
-from tracking.decorator import Claim, tracked_task
+from tracking.decorator import Claim, concurrency_limit_name, tracked_task
 from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
 from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
@@ -196,6 +196,7 @@ def resume_flow(
         steps = [(p, stage) for p in proc.platforms for stage in p.stages]
         tasks = {p.code: tracked_task(proc, p) for p in proc.platforms}
         _tag_flow_run(flow_run, proc)
+        ensure_concurrency_limits(proc)
         recovered = tracker.recover_expired_leases(process, limit=100_000)
         progress = create_progress_artifact(
             0.0, key=artifact_key("resume-progress", process),
@@ -250,6 +251,22 @@ def _release_unstarted(tracker: Tracker, process: str, owner: str, logger: Any) 
         return
     if released:
         logger.info("released %d reserved stages that did not start", released)
+
+
+def ensure_concurrency_limits(process: Process) -> list[str]:
+    """Create or update the Prefect global concurrency limit of each platform of ``process``
+    that declares ``concurrency=N`` (each resume run does it as it starts, and so does
+    ``deployments/serve.py``). Returns their names."""
+    limited = [p for p in process.platforms if p.concurrency]
+    if not limited:
+        return []
+    names = []
+    with get_client(sync_client=True) as client:
+        for p in limited:
+            name = concurrency_limit_name(process.code, p.code)
+            client.upsert_global_concurrency_limit_by_name(name, p.concurrency)  # type: ignore[arg-type]
+            names.append(name)
+    return names
 
 
 def _tag_flow_run(flow_run: Any, process: Process) -> None:

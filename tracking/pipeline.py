@@ -24,7 +24,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tracking.artifacts import Tally
 from tracking.catalog import Platform
-from tracking.decorator import Claim, TxContext, execute_batch, record_unfinished
+from tracking.decorator import (
+    Claim,
+    TxContext,
+    concurrency_limit_name,
+    execute_batch,
+    record_unfinished,
+)
 from tracking.models import StageState, TxStage
 from tracking.store import MAX_CLAIM, Tracker
 
@@ -46,7 +52,9 @@ def run_batch(
         for tx in contexts:
             platform_task.fn(tx)
         return len(contexts)
-    return execute_batch(platform.fn, contexts)
+    process = contexts[0].process
+    limit = concurrency_limit_name(process, platform.code) if platform.concurrency else None
+    return execute_batch(platform.fn, contexts, limit)
 
 
 @dataclass(frozen=True)

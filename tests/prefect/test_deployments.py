@@ -115,7 +115,7 @@ def test_a_process_without_an_entry_is_served_as_a_copy_of_one(monkeypatch) -> N
     old = template["parameters"]["process"]
     module = importlib.import_module(template["entrypoint"].replace(":", ".").rsplit(".", 1)[0])
     deployments = _serve(monkeypatch, "tests.flow_processes:processes")
-    assert [d.name for d in deployments] == ["outcomes", "busy", "slow", "slow-batch"]
+    assert [d.name for d in deployments] == ["outcomes", "busy", "slow", "slow-batch", "sessions"]
     for deployment in deployments:
         code = deployment.parameters["process"]
         # the name the API's deployment mode runs

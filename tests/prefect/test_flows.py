@@ -300,10 +300,10 @@ def test_serve_builds_an_hourly_deployment_per_process(monkeypatch):
 
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.flow_processes:processes")
     deployments = build_deployments()
-    assert [d.name for d in deployments] == ["outcomes", "busy", "slow", "slow-batch"]
+    assert [d.name for d in deployments] == ["outcomes", "busy", "slow", "slow-batch", "sessions"]
     for d in deployments:
         assert d.schedules[0].schedule.cron == "0 * * * *"
-        assert d.parameters["process"] in ("OUTCOMES", "BUSY", "SLOW", "SLOW_BATCH")
+        assert d.parameters["process"] in ("OUTCOMES", "BUSY", "SLOW", "SLOW_BATCH", "SESSIONS")
 
 
 def test_a_timed_out_task_run_is_recorded_as_a_system_error(sqlite_env):
