@@ -52,6 +52,7 @@ from pydantic import TypeAdapter
 
 from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
 from tracking.app import configured_processes
+from tracking.flows import ensure_concurrency_limits
 from tracking.settings import Settings
 
 PREFECT_YAML = "prefect.yaml"
@@ -223,10 +224,13 @@ def _to_deployment(
 
 
 def main() -> None:
-    """Serve prefect.yaml's deployments until interrupted (the zombie automation created or
-    updated first; the runs beat every ``HEARTBEAT_SECONDS``)."""
+    """Serve prefect.yaml's deployments until interrupted (the zombie automation and the
+    platforms' concurrency limits created or updated first; the runs beat every
+    ``HEARTBEAT_SECONDS``)."""
     deployments = build_deployments()
     ensure_zombie_automation()
+    for process in configured_processes(Settings()):
+        ensure_concurrency_limits(process)
     serve(*deployments, heartbeat_seconds=HEARTBEAT_SECONDS)
 
 
