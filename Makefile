@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test proof lint bench screenshot clean
+.PHONY: demo test proof lint bench bench-compare screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_store.py
+
+# This project against the seed library rpa-tracker 0.0.18 (in a venv of its own under build/)
+# on the same workload; writes bench/RESULTS.md. COMPARE_ARGS=--quick for a smoke run.
+bench-compare: $(STAMP)
+	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
 
 # The HTML report of a sample scenario, and a headless Chromium screenshot of it (checked not blank).
 screenshot: $(STAMP)

@@ -210,18 +210,17 @@ def resume_flow(
                 ThreadPoolTaskRunner(max_workers=concurrency) as runner,
             ):
                 pipeline = Pipeline(tracker, claim, runner, options, tally, reserve, tasks)
-                next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
-                for index, (platform, stage) in enumerate(steps):
-                    why = pipeline.run(platform, stage, budget)
-                    if time.monotonic() >= next_progress:  # an API call: not every step
-                        next_progress = time.monotonic() + PROGRESS_EVERY_SECONDS
+                next_progress = [time.monotonic() + PROGRESS_EVERY_SECONDS]
+
+                def show_progress(fraction: float) -> None:  # an API call: not every round
+                    if time.monotonic() >= next_progress[0]:
+                        next_progress[0] = time.monotonic() + PROGRESS_EVERY_SECONDS
                         update_progress_artifact(
-                            progress, 100.0 * (index + 1) / len(steps),
-                            description=f"{platform.code}.{stage}: {tally.stages_run} stages run",
+                            progress, 100.0 * fraction,
+                            description=f"{tally.stages_run} stages run",
                         )
-                    if why is not None:
-                        stopped = why
-                        break
+
+                stopped = pipeline.run(steps, budget, show_progress) or stopped
         finally:
             claim.stopping.set()
             _release_unstarted(tracker, process, owner, logger)

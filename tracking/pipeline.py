@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prefect import Task, task
@@ -136,6 +137,7 @@ class _Job:
     def __init__(self, contexts: list[TxContext], future: PrefectFuture[Any]) -> None:
         self.contexts = contexts
         self.future = future
+        self.step = 0  # the index of its platform stage in the run
 
     def ending(self) -> str:
         """How the task run ended, for a stage it left unrecorded."""
@@ -159,9 +161,24 @@ def _submit(
     return _Job(contexts, runner.submit(run_batch, parameters=params))
 
 
+@dataclass
+class _Step:
+    """One platform stage of the run: what it has claimed and not yet submitted, and whether
+    its last claim found nothing (it may find more when the step before it records some)."""
+
+    index: int
+    platform: Platform
+    stage: str
+    waiting: list[TxContext] = field(default_factory=list)
+    drained: bool = False
+
+
 class Pipeline:
-    """Runs the runnable stages of a run, one platform stage at a time: claims only what it
-    can start now (a free task run slot), so every reserved stage starts soon."""
+    """Runs the runnable stages of a run. It claims only what it can start now (a free task
+    run slot, plus one round ahead in stage granularity), so every reserved stage starts
+    soon, and fills free slots from the earliest platform stage that has work: the next
+    platform's stages start while the previous one is still finishing, so the run keeps its
+    workers busy from A to B to C."""
 
     def __init__(
         self, tracker: Tracker, claim: Claim, runner: ThreadPoolTaskRunner, options: Options,
@@ -170,42 +187,24 @@ class Pipeline:
         self.tracker, self.claim, self.runner, self.tasks = tracker, claim, runner, tasks
         self.options, self.tally, self.reserve_seconds = options, tally, reserve_seconds
         self.claimed = 0
-        self._attempts_before: dict[str, int] = {}  # per claimed uuid, of the current step
+        # The attempt count of each claimed stage when claimed: a transaction may have one
+        # stage settling while its next one is already claimed.
+        self._attempts_before: dict[tuple[str, str, str], int] = {}
 
-    def run(self, platform: Platform, stage: str, budget: Budget) -> str | None:
-        """Work on one platform stage until nothing of it is runnable; returns why it
-        stopped early (a limit), if it did."""
-        o = self.options
-        unit = 1 if o.granularity == "stage" else o.batch_size
+    def run(
+        self, steps: list[tuple[Platform, str]], budget: Budget,
+        on_settled: Callable[[float], None] | None = None,
+    ) -> str | None:
+        """Work until nothing of any step is runnable; returns why it stopped early (a
+        limit), if it did. ``on_settled(fraction)`` is called after each round of finished
+        task runs, with the fraction of steps that found nothing more to run."""
+        state = [_Step(i, platform, stage) for i, (platform, stage) in enumerate(steps)]
         jobs: list[_Job] = []
-        waiting: list[TxContext] = []  # claimed, for the next free task run slot
         stopped: str | None = None
-        drained = False
         try:
             while True:
-                free = o.concurrency - len(jobs) - len(waiting) // unit
-                if not drained and stopped is None and free > 0 and not waiting:
-                    stopped = budget.exceeded(self.claimed)
-                    if stopped is None:
-                        # Stage granularity keeps up to one more round reserved, so a
-                        # claim serves several task runs; batches start as they are claimed.
-                        ahead = o.concurrency if unit == 1 else 0
-                        want = min((free + ahead) * unit, budget.room(self.claimed),
-                                   o.batch_size if unit == 1 else free * unit)
-                        claimed = self.tracker.claim(
-                            o.process, platform.code, stage, owner=self.claim.owner,
-                            uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
-                        )
-                        drained = not claimed
-                        self.claimed += len(claimed)
-                        self._attempts_before.update((c.uuid, c.attempt) for c in claimed)
-                        contexts = [TxContext.of(s, self.claim) for s in claimed]
-                        waiting.extend(contexts)
-                while waiting and len(jobs) < o.concurrency:
-                    jobs.append(_submit(self.runner, self.tasks[platform.code], platform, stage,
-                                        waiting[:unit],
-                                        o.granularity))
-                    del waiting[:unit]
+                stopped = stopped or self._claim_free_slots(state, jobs, budget)
+                self._submit_waiting(state, jobs)
                 if not jobs:
                     return stopped
                 done, _ = wait(
@@ -215,9 +214,57 @@ class Pipeline:
                 finished = [j for j in jobs if j.future.wrapped_future in done]  # type: ignore[attr-defined]
                 jobs = [j for j in jobs if j not in finished]
                 self._settle(finished)
+                for job in finished:  # what they recorded may have made the next step due
+                    if job.step + 1 < len(state):
+                        state[job.step + 1].drained = False
+                if on_settled is not None:
+                    on_settled(sum(s.drained and not s.waiting for s in state) / len(state))
         except BaseException:
             self.claim.stopping.set()  # what has not started must not start now
             raise
+
+    def _claim_free_slots(self, state: list[_Step], jobs: list[_Job], budget: Budget
+                          ) -> str | None:
+        """Claim for the free slots, earliest step first; why the run must stop, if so."""
+        o = self.options
+        unit = 1 if o.granularity == "stage" else o.batch_size
+        for step in state:
+            waiting = sum(len(s.waiting) for s in state)
+            free = o.concurrency - len(jobs) - -(-waiting // unit)
+            if free <= 0:
+                return None
+            if step.drained or step.waiting:
+                continue
+            stopped = budget.exceeded(self.claimed)
+            if stopped is not None:
+                return stopped
+            # Stage granularity keeps up to one more round reserved, so a claim serves
+            # several task runs; batches start as they are claimed.
+            ahead = o.concurrency if unit == 1 else 0
+            want = min((free + ahead) * unit, budget.room(self.claimed),
+                       o.batch_size if unit == 1 else free * unit)
+            claimed = self.tracker.claim(
+                o.process, step.platform.code, step.stage, owner=self.claim.owner,
+                uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
+            )
+            step.drained = not claimed
+            self.claimed += len(claimed)
+            self._attempts_before.update(((c.uuid, c.platform, c.stage), c.attempt)
+                                         for c in claimed)
+            step.waiting.extend(TxContext.of(c, self.claim) for c in claimed)
+        return None
+
+    def _submit_waiting(self, state: list[_Step], jobs: list[_Job]) -> None:
+        o = self.options
+        unit = 1 if o.granularity == "stage" else o.batch_size
+        for step in state:
+            while step.waiting and len(jobs) < o.concurrency:
+                task = self.tasks[step.platform.code]
+                job = _submit(self.runner, task, step.platform, step.stage,
+                              step.waiting[:unit], o.granularity)
+                job.step = step.index
+                jobs.append(job)
+                del step.waiting[:unit]
 
     def _settle(self, jobs: list[_Job]) -> None:
         """Tally what the finished task runs recorded. A stage they left unrecorded is a
@@ -233,9 +280,19 @@ class Pipeline:
                     contexts.append((tx, job))
         if not contexts:
             return
-        first = contexts[0][0]
-        stages = self.tracker.get_stages([tx.uuid for tx, _ in contexts], first.platform,
-                                         first.stage)
+        by_step: dict[tuple[str, str], list[tuple[TxContext, _Job]]] = {}
+        for tx, job in contexts:
+            by_step.setdefault((tx.platform, tx.stage), []).append((tx, job))
+        unstarted = []
+        for (platform, stage_name), group in by_step.items():
+            stages = self.tracker.get_stages([tx.uuid for tx, _ in group], platform, stage_name)
+            unstarted += self._settle_unrecorded(group, stages)
+        self._release(unstarted)
+
+    def _settle_unrecorded(
+        self, contexts: list[tuple[TxContext, _Job]], stages: list[TxStage]
+    ) -> list[str]:
+        """Record or tally the stages a task run left unrecorded; the uuids to release."""
         unstarted = []
         for (tx, job), stage in zip(contexts, stages, strict=True):
             mine = stage.lease_owner == self.claim.owner
@@ -247,11 +304,12 @@ class Pipeline:
                 stage = record_unfinished(self.tracker, tx, why) or stage
             if mine:
                 self._tally(tx, stage)
-        self._release(unstarted)
+        return unstarted
 
     def _tally(self, tx: TxContext, stage: TxStage) -> None:
         """Count what this run attempted (not a stage it skipped or another run took)."""
-        if stage.attempt > self._attempts_before.pop(tx.uuid, stage.attempt):
+        before = self._attempts_before.pop((tx.uuid, tx.platform, tx.stage), stage.attempt)
+        if stage.attempt > before:
             self.tally.add(stage)
 
     def _release(self, unstarted: list[str]) -> None:
