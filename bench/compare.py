@@ -1,0 +1,596 @@
+"""This project against the seed library rpa-tracker 0.0.18, on the same workload in one run.
+
+The workload (``bench/compare_workload.py``, shared by both sides): a process with platforms A
+(at most 1 attempt), B (at most 2) and C (unlimited); item ``i`` gets a business error, a
+system error or a success on each platform from a fixed pattern; two hourly runs each process
+every runnable stage once, platform by platform (A, B, C). For each size N, on a fresh SQLite
+file per measurement:
+
+* rpa-tracker, in a venv of its own (``build/bench-venv-rpa-tracker``: ``pip install
+  rpa-tracker==0.0.18``, created once and reused), driven by
+  ``bench/compare_rpa_tracker_driver.py`` as a subprocess: ``start_or_resume`` +
+  ``start_stage`` per platform for each item, then per run and platform
+  ``get_pending_stages`` and ``complete_stage`` per stage;
+* this project, one by one: ``Tracker.start_or_resume`` per item, then per run and platform
+  ``claim`` 500 at a time, ``start_attempt`` + ``complete_stage`` per stage;
+* this project, in batches: ``start_many`` in chunks of 1,000, then per run and platform
+  ``claim`` 500 at a time, ``start_attempt`` per stage and one ``complete_many`` per claimed
+  batch.
+
+Every measurement ends with a check: the final state of each transaction and the state and
+attempt count of each of its stages must be what the outcome pattern implies under that
+library's rules (rpa-tracker has no EXHAUSTED state: a stage out of attempts stays
+TERMINATED); the script fails loudly otherwise. Results go to ``bench/RESULTS.md`` (ratios
+first) and ``bench/results/compare.json``; the summary is printed.
+
+Usage:
+    .venv/bin/python bench/compare.py                     # N = 1k, 10k (both), 100k (this one)
+    make bench-compare                                    # the same
+    .venv/bin/python bench/compare.py --quick             # smoke run, N = 200
+    .venv/bin/python bench/compare.py --sizes 1000,10000 --rpa-max-n 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for p in (str(ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import compare_workload as w  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+from bench_store import Timed, database_size, fresh_database, metadata, payload  # noqa: E402
+
+from tracking import (  # noqa: E402
+    Completion,
+    ExecutionResult,
+    KeyFields,
+    LeaseLost,
+    Platform,
+    Process,
+    RetryPolicy,
+    Tracker,
+    connect,
+)
+from tracking.db import SQLITE_CACHE_KIB  # noqa: E402
+
+RPA_REQUIREMENT = "rpa-tracker==0.0.18"
+RPA_VENV = ROOT / "build" / "bench-venv-rpa-tracker"
+DRIVER = BENCH / "compare_rpa_tracker_driver.py"
+RESULTS_DIR = BENCH / "results"
+CLAIM_LIMIT = 500
+CHUNK = 1000
+#: The SQLite settings of ``tracking.db`` that matter to a single writer, given to rpa-tracker
+#: too (unless --rpa-sqlite-defaults), so that the comparison is of the libraries, not of
+#: fsync per commit.
+PROJECT_PRAGMAS = ["journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{SQLITE_CACHE_KIB}"]
+
+SIDES = {
+    "rpa": "rpa-tracker 0.0.18",
+    "stage": "this project, one by one",
+    "batch": "this project, batches",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the rpa-tracker venv ----------------------------------------------------------------------
+
+
+def rpa_python(venv: Path) -> Path:
+    """The python of the rpa-tracker venv, created (or completed) when needed.
+
+    SQLAlchemy is pinned to this venv's version, so both sides run the same ORM/Core.
+    """
+    python = venv / "bin" / "python"
+    want = f"0.0.18 {sa.__version__}"
+    probe = (
+        "from importlib.metadata import version as v; "
+        "print(v('rpa-tracker'), v('sqlalchemy'))"
+    )
+    if python.exists():
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout
+        if found.strip() == want:
+            return python
+    else:
+        log(f"creating {venv.relative_to(ROOT) if venv.is_relative_to(ROOT) else venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log(f"pip install {RPA_REQUIREMENT} sqlalchemy=={sa.__version__}")
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         RPA_REQUIREMENT, f"sqlalchemy=={sa.__version__}"],
+        check=True,
+    )
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    if found.stdout.strip() != want:
+        raise SystemExit(f"{venv}: expected rpa-tracker/sqlalchemy {want}, got {found.stdout}")
+    return python
+
+
+# -- what the workload must end in -------------------------------------------------------------
+
+
+def expected_final(n: int, rules: str) -> tuple[list[str], list[list[tuple[str, int]]]]:
+    """The final transaction state and (state, attempts) per platform stage of items 0..n-1.
+
+    ``rules`` is ``"tracking"`` (this project: ``tracking.states.decide``) or ``"rpa"``
+    (rpa-tracker 0.0.18's ``get_pending_stages`` / ``finish_stage``).
+    """
+    last = len(w.PLATFORMS) - 1
+    txs, all_stages = [], []
+    for i in range(n):
+        states, attempts, tx = ["PENDING"] * (last + 1), [0] * (last + 1), "PENDING"
+        for _ in range(w.RUNS):
+            for k, (code, _, max_attempts, _) in enumerate(w.PLATFORMS):
+                earlier_done = all(s == "COMPLETED" for s in states[:k])
+                has_attempts = max_attempts is None or attempts[k] < max_attempts
+                if rules == "tracking":
+                    tx_open = tx not in ("COMPLETED", "REJECTED", "EXHAUSTED", "CANCELLED")
+                else:
+                    tx_open = tx in ("PENDING", "IN_PROGRESS", "TERMINATED")
+                if not (tx_open and states[k] in ("PENDING", "TERMINATED") and earlier_done
+                        and has_attempts):
+                    continue
+                attempts[k] += 1
+                code_ = w.outcome(i, code, attempts[k])
+                if code_ == 0:
+                    states[k] = "COMPLETED"
+                    if rules == "tracking":
+                        tx = "COMPLETED" if k == last else "IN_PROGRESS"
+                    elif not any(s in ("PENDING", "IN_PROGRESS") for s in states):
+                        tx = "COMPLETED"
+                    elif tx == "PENDING":
+                        tx = "IN_PROGRESS"
+                elif code_ > 0:
+                    states[k], tx = "REJECTED", "REJECTED"
+                    cancel = ("PENDING", "TERMINATED") if rules == "tracking" else ("PENDING",)
+                    states = ["CANCELLED" if s in cancel else s for s in states]
+                elif rules == "tracking" and max_attempts is not None and (
+                    attempts[k] >= max_attempts
+                ):
+                    states[k], tx = "EXHAUSTED", "EXHAUSTED"
+                else:
+                    states[k] = "TERMINATED"
+                    if rules == "tracking" or tx != "REJECTED":
+                        tx = "TERMINATED"
+        txs.append(tx)
+        all_stages.append(list(zip(states, attempts, strict=True)))
+    return txs, all_stages
+
+
+def check_final(label: str, n: int, rules: str, tx: list[str], stages: list[list[Any]]) -> int:
+    """Raise (loudly) unless every item ended as ``rules`` imply; returns the items checked."""
+    want_tx, want_stages = expected_final(n, rules)
+    got_stages = [[tuple(s) if s is not None else None for s in row] for row in stages]
+    bad = [
+        f"  item {i}: transaction {tx[i]!r}, stages {got_stages[i]} "
+        f"(expected {want_tx[i]!r}, {want_stages[i]})"
+        for i in range(n)
+        if tx[i] != want_tx[i] or got_stages[i] != want_stages[i]
+    ]
+    if len(tx) != n or bad:
+        raise SystemExit(
+            f"CHECK FAILED: {label} at N={n:,}: {len(bad):,} items not in the expected state"
+            + (f" ({len(tx):,} transactions found)" if len(tx) != n else "")
+            + ":\n" + "\n".join(bad[:10])
+        )
+    return n
+
+
+def same_work(n: int) -> None:
+    """Both rule sets make the same attempts on the same stages (a fair comparison)."""
+    a = [[k for _, k in row] for row in expected_final(n, "tracking")[1]]
+    b = [[k for _, k in row] for row in expected_final(n, "rpa")[1]]
+    if a != b:
+        raise SystemExit("the two sides would not make the same attempts: workload bug")
+
+
+# -- rpa-tracker side ---------------------------------------------------------------------------
+
+
+def run_rpa(python: Path, n: int, workdir: Path, payload_file: Path,
+            pragmas: list[str]) -> dict[str, Any]:
+    db = workdir / f"rpa-{n}.db"
+    cmd = [str(python), str(DRIVER), "--database", str(db), "--payloads", str(payload_file)]
+    for pragma in pragmas:
+        cmd += ["--pragma", pragma]
+    wall = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        result = json.loads(done.stdout)
+        result["database_bytes"] = sum(
+            os.path.getsize(f"{db}{s}") for s in ("", "-wal") if os.path.exists(f"{db}{s}")
+        )
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+    result["process_seconds"] = time.perf_counter() - wall
+    final = result.pop("final")
+    result["checked"] = check_final("rpa-tracker", n, "rpa", final["tx"], final["stages"])
+    return result
+
+
+# -- this project -------------------------------------------------------------------------------
+
+
+def tracking_process() -> Process:
+    return Process(
+        w.PROCESS,
+        platforms=[
+            Platform(code, order=order, retry=RetryPolicy(max_attempts=max_attempts))
+            for code, order, max_attempts, _ in w.PLATFORMS
+        ],
+        dedup=KeyFields("id"),
+        description="bench/compare.py workload",
+    )
+
+
+def hourly_run(tracker: Tracker, owner: str, batched: bool,
+               index_of: dict[str, int]) -> dict[str, Any]:
+    """Every runnable stage once, platform by platform, as ``owner`` (one run)."""
+    claim, start, record = Timed(), Timed(), Timed()
+    attempts: dict[str, int] = {}
+    began = time.perf_counter()
+    for code, *_ in w.PLATFORMS:
+        count = 0
+        while batch := claim.call(tracker.claim, w.PROCESS, code, owner=owner,
+                                  limit=CLAIM_LIMIT):
+            completions = []
+            for s in batch:
+                attempt = start.call(tracker.start_attempt, s.uuid, code, s.stage, owner=owner)
+                error_code = w.outcome(index_of[s.uuid], code, attempt)
+                result = ExecutionResult(error_code, w.description(error_code))
+                if batched:
+                    completions.append(Completion(s.uuid, code, s.stage, result))
+                else:
+                    record.call(tracker.complete_stage, s.uuid, code, result, stage=s.stage,
+                                owner=owner)
+            if completions:
+                done = record.call(tracker.complete_many, completions, owner=owner)
+                lost = [d for d in done if isinstance(d, LeaseLost)]
+                if lost:
+                    raise SystemExit(f"complete_many lost {len(lost)} leases: {lost[0]}")
+            count += len(batch)
+        attempts[code] = count
+    return {
+        "seconds": time.perf_counter() - began,
+        "find_seconds": sum(claim.latencies),
+        "start_seconds": sum(start.latencies),
+        "record_seconds": sum(record.latencies),
+        "claims": len(claim.latencies),
+        "attempts": sum(attempts.values()),
+        "attempts_by_platform": attempts,
+    }
+
+
+def run_tracking(n: int, batched: bool, workdir: Path,
+                 payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    label = SIDES["batch" if batched else "stage"]
+    result: dict[str, Any] = {"n": n}
+    with fresh_database(None, workdir, n) as url:
+        t0 = time.perf_counter()
+        engine = connect(url, migrate=True)
+        tracker = Tracker(engine, processes=[tracking_process()])
+        result["setup_seconds"] = time.perf_counter() - t0
+
+        index_of: dict[str, int] = {}
+        intake = Timed()
+        with intake.running():
+            if batched:
+                for lo in range(0, n, CHUNK):
+                    for k, done in enumerate(
+                        intake.call(tracker.start_many, w.PROCESS, payloads[lo : lo + CHUNK],
+                                    source="bench")
+                    ):
+                        assert done.is_new
+                        index_of[done.uuid] = lo + k
+            else:
+                for i, p in enumerate(payloads):
+                    uuid, is_new = intake.call(tracker.start_or_resume, w.PROCESS, p,
+                                               source="bench")
+                    assert is_new
+                    index_of[uuid] = i
+        result["intake"] = {"seconds": intake.wall, "items": n, "calls": len(intake.latencies)}
+        log(f"    {label} intake: {n:,} in {intake.wall:.1f}s")
+
+        for run in range(1, w.RUNS + 1):
+            r = hourly_run(tracker, f"hourly-run-{run}", batched, index_of)
+            result[f"run{run}"] = r
+            log(f"    {label} run {run}: {r['attempts']:,} attempts in {r['seconds']:.1f}s")
+        result["total_seconds"] = result["intake"]["seconds"] + sum(
+            result[f"run{r}"]["seconds"] for r in range(1, w.RUNS + 1)
+        )
+
+        column = {code: k for k, (code, *_) in enumerate(w.PLATFORMS)}
+        tx = [""] * n
+        stages: list[list[Any]] = [[None] * len(w.PLATFORMS) for _ in range(n)]
+        with engine.connect() as conn:
+            for uuid, state in conn.execute(
+                sa.text("SELECT uuid, state FROM tx_process WHERE process_code = :p"),
+                {"p": w.PROCESS},
+            ):
+                tx[index_of[uuid]] = str(state)
+            for uuid, platform, state, attempt in conn.execute(
+                sa.text("SELECT uuid, platform, state, attempt FROM tx_stage "
+                        "WHERE process_code = :p"),
+                {"p": w.PROCESS},
+            ):
+                stages[index_of[uuid]][column[platform]] = [str(state), attempt]
+            result["events"] = conn.execute(sa.text("SELECT count(*) FROM tx_event")).scalar()
+        result["database_bytes"] = database_size(engine, url)
+        engine.dispose()
+    result["checked"] = check_final(label, n, "tracking", tx, stages)
+    return result
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _rel(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.2f} s" if x < 10 else f"{x:,.1f} s"
+
+
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}/s"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "–"
+    return f"**{a / b:,.1f}×**" if a / b >= 10 else f"**{a / b:,.2f}×**"
+
+
+#: The rows of the comparison: label, rpa-tracker key, this project's variant and key. A key
+#: names a phase (``intake``, ``run1``, ``run2``) or ``total``.
+ROWS: list[tuple[str, str, str, str]] = [
+    ("intake one by one (rpa: `start_or_resume` + 3 `start_stage`; here: `start_or_resume`)",
+     "intake", "stage", "intake"),
+    ("intake, rpa one by one vs here `start_many` (chunks of 1,000; rpa-tracker has no bulk "
+     "intake)", "intake", "batch", "intake"),
+    ("hourly run 1, per stage (here: `claim` 500 + `start_attempt` + `complete_stage`)",
+     "run1", "stage", "run1"),
+    ("hourly run 1, here `complete_many` per claimed batch", "run1", "batch", "run1"),
+    ("hourly run 2, per stage", "run2", "stage", "run2"),
+    ("hourly run 2, here `complete_many` per claimed batch", "run2", "batch", "run2"),
+    ("whole workload, one by one + per stage", "total", "stage", "total"),
+    ("whole workload, `start_many` + `complete_many`", "total", "batch", "total"),
+]
+
+
+def seconds_of(r: dict[str, Any] | None, key: str) -> float | None:
+    if r is None:
+        return None
+    return r["total_seconds"] if key == "total" else r[key]["seconds"]
+
+
+def stages_of(r: dict[str, Any], key: str) -> int:
+    """Stages handled by a phase: created (intake, whole workload) or attempts recorded."""
+    if key in ("intake", "total"):
+        return r["n"] * len(w.PLATFORMS)
+    return r[key]["attempts"]
+
+
+def stages_per_s(r: dict[str, Any] | None, key: str) -> float | None:
+    s = seconds_of(r, key)
+    return None if r is None or not s else stages_of(r, key) / s
+
+
+def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    both = [r for r in results if r.get("rpa")]
+    lines = [
+        "# rpa-tracker 0.0.18 vs this project: the same workload, the same run",
+        "",
+        f"Measured {meta['date_utc']} by `{meta['command']}` "
+        f"(commit {meta['git_commit'] or '?'}).",
+        "",
+        "## Ratios: rpa-tracker time / this project's time (higher: this project is faster)",
+        "",
+    ]
+    if both:
+        head = "| | " + " | ".join(f"N = {r['n']:,}" for r in both) + " |"
+        lines += [head, "|---" * (len(both) + 1) + "|"]
+        for label, rkey, side, key in ROWS:
+            cells = [_ratio(seconds_of(r["rpa"], rkey), seconds_of(r[side], key)) for r in both]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "## Stages per second (rpa-tracker / this project)",
+            "",
+            "Intake and whole workload: stages created (3 per transaction) per second of the "
+            "phase; hourly runs: stage attempts recorded per second.",
+            "",
+            head,
+            "|---" * (len(both) + 1) + "|",
+        ]
+        for label, rkey, side, key in ROWS:
+            cells = [
+                f"{_rate(stages_per_s(r['rpa'], rkey))} / {_rate(stages_per_s(r[side], key))}"
+                for r in both
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("(rpa-tracker was not measured in this run)")
+
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "Wall-clock seconds of each phase; in brackets the stage attempts recorded by a run. "
+        "Find: rpa-tracker `get_pending_stages`, this project `claim`; record: "
+        "`complete_stage` / `complete_many` (this project's `start_attempt` time is in the "
+        "run, listed apart in the JSON).",
+        "",
+        "| N | tracker | intake | run 1 | run 1 find / record | run 2 | whole workload | "
+        "stages/s (whole) | events | DB size | check |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        for side, label in SIDES.items():
+            x = r.get(side)
+            if x is None:
+                continue
+            lines.append(
+                f"| {r['n']:,} | {label} | {_s(x['intake']['seconds'])} | "
+                f"{_s(x['run1']['seconds'])} ({x['run1']['attempts']:,}) | "
+                f"{_s(x['run1']['find_seconds'])} / {_s(x['run1']['record_seconds'])} | "
+                f"{_s(x['run2']['seconds'])} ({x['run2']['attempts']:,}) | "
+                f"{_s(x['total_seconds'])} | {_rate(stages_per_s(x, 'total'))} | "
+                f"{x['events']:,} | {x['database_bytes'] / 1e6:,.1f} MB | "
+                f"{x['checked']:,} items OK |"
+            )
+    lines += ["", *meta.get("notes", []), "", "## Machine", ""]
+    load = meta["load_average_at_start"], meta.get("load_average_at_end")
+    lines += [
+        f"* {meta['cpus']} CPUs, {meta['machine']}",
+        f"* Python {meta['python']}, SQLite {meta['sqlite']}, SQLAlchemy {meta['sqlalchemy']} "
+        f"(both venvs), rpa-tracker {meta.get('rpa_tracker', '–')}",
+        "* rpa-tracker's SQLite connections: "
+        + ("`PRAGMA " + "`, `PRAGMA ".join(meta["rpa_pragmas"]) + "` (as this project's engine)"
+           if meta["rpa_pragmas"] else "SQLite defaults (rollback journal, synchronous=FULL)"),
+        "* load average at start / end: "
+        + " / ".join("n/a" if not x else " ".join(f"{v:.2f}" for v in x) for x in load)
+        + " (a shared machine: other work makes the figures noisier)",
+        f"* date (UTC): {meta['date_utc']}; whole benchmark {meta['elapsed_seconds']:,.0f} s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000",
+                        help="comma-separated N (default 1000,10000,100000)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N = 200 only")
+    parser.add_argument("--rpa-max-n", type=int, default=10_000,
+                        help="rpa-tracker runs only for N up to this (default 10000)")
+    parser.add_argument("--stage-max-n", type=int, default=10_000,
+                        help="this project's one-by-one variant only for N up to this "
+                        "(default 10000: beyond, only the batch variant, made for volume)")
+    parser.add_argument("--rpa-sqlite-defaults", action="store_true",
+                        help="give rpa-tracker SQLite's default settings instead of this "
+                        "project's WAL / synchronous=NORMAL / cache size")
+    parser.add_argument("--rpa-venv", type=Path, default=RPA_VENV,
+                        help=f"venv for rpa-tracker (default {RPA_VENV.relative_to(ROOT)})")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown file (default bench/RESULTS.md; with --quick "
+                        "bench/results/compare-quick.md)")
+    args = parser.parse_args(argv)
+    sizes = [200] if args.quick else [
+        int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()
+    ]
+    if not sizes or min(sizes) < 1:
+        parser.error("sizes must be positive")
+    output = args.output or (
+        RESULTS_DIR / "compare-quick.md" if args.quick else BENCH / "RESULTS.md"
+    )
+    pragmas = [] if args.rpa_sqlite_defaults else PROJECT_PRAGMAS
+
+    began = time.perf_counter()
+    python = rpa_python(args.rpa_venv) if min(sizes) <= args.rpa_max_n else None
+    workdir = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    meta: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        with fresh_database(None, workdir, 0) as url:
+            meta = metadata(url)
+        for n in sizes:
+            log(f"N = {n:,} ({n * len(w.PLATFORMS):,} stages)")
+            same_work(n)
+            payloads = [payload(i) for i in range(n)]
+            r: dict[str, Any] = {"n": n}
+            if python is not None and n <= args.rpa_max_n:
+                payload_file = workdir / f"payloads-{n}.json"
+                payload_file.write_text(json.dumps(payloads))
+                r["rpa"] = run_rpa(python, n, workdir, payload_file, pragmas)
+                meta["rpa_tracker"] = r["rpa"]["versions"]["rpa-tracker"]
+                payload_file.unlink()
+            if args.stage_max_n is None or n <= args.stage_max_n:
+                r["stage"] = run_tracking(n, False, workdir, payloads)
+            r["batch"] = run_tracking(n, True, workdir, payloads)
+            results.append(r)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    meta.update(
+        sqlite=meta["database_version"].removeprefix("SQLite "),
+        rpa_pragmas=pragmas,
+        date_utc=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        command=" ".join(["bench/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+        load_average_at_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        elapsed_seconds=time.perf_counter() - began,
+        notes=notes(results, args),
+    )
+    text = render(results, meta)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_out = RESULTS_DIR / ("compare-quick.json" if args.quick else "compare.json")
+    json_out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    print(text)
+    print(f"Markdown: {_rel(output)}\nJSON: {_rel(json_out)}")
+    return 0
+
+
+def notes(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    out = [
+        "Notes:",
+        "",
+        "* The same payloads (`bench_store.payload`), the same outcome pattern "
+        "(`bench/compare_workload.py`) and the same attempts on both sides (checked); "
+        "a fresh SQLite file per measurement; setup (schema, migrations) is not timed.",
+        "* rpa-tracker stores no payload and no fingerprint itself: its deduplication "
+        "strategy (`KeyFieldDedup` in the driver) keeps both in a table of its own, in the "
+        "tracker's session, so that both sides store the same things.",
+        "* rpa-tracker's run reads `get_pending_stages` into plain tuples before recording: "
+        "iterating its ORM objects after the first commit would reload each one.",
+    ]
+    skipped = [r["n"] for r in results if "rpa" not in r]
+    if skipped:
+        out.append(
+            f"* rpa-tracker was not run at N = {', '.join(f'{n:,}' for n in skipped)} "
+            f"(--rpa-max-n {args.rpa_max_n:,})."
+        )
+    no_stage = [r["n"] for r in results if "stage" not in r]
+    if no_stage:
+        out.append(
+            f"* This project's one-by-one variant was not run at N = "
+            f"{', '.join(f'{n:,}' for n in no_stage)} (--stage-max-n {args.stage_max_n:,})."
+        )
+    largest = max(results, key=lambda r: r["n"])
+    million = 1_000_000
+    if largest["n"] * len(w.PLATFORMS) < million:
+        rate = stages_per_s(largest["batch"], "total")
+        out.append(
+            f"* 1,000,000 stages (N = {million // len(w.PLATFORMS) + 1:,}) were not measured: "
+            f"at the N = {largest['n']:,} whole-workload rate of the batch variant "
+            f"({_rate(rate)}) they would take about {million / rate / 60:,.0f} min, more "
+            "than the few minutes this benchmark allows itself (`--sizes 333334` runs it)."
+        )
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
