@@ -67,11 +67,12 @@ def too_slow(tx: TxContext) -> int:
 
 processes.append(slow)
 
-# Calls that take a while (the payload says how long), counted like BUSY's.
+# Calls that take a while (the payload says how long), counted like BUSY's; idempotent, so
+# batch granularity records them a batch at a time (Tracker.complete_many).
 slow_batch = Process("SLOW_BATCH", dedup=KeyFields("id"))
 
 
-@slow_batch.platform("A", order=1, retry=RetryPolicy(max_attempts=1))
+@slow_batch.platform("A", order=1, retry=RetryPolicy(max_attempts=1), idempotent=True)
 def slow_call(tx: TxContext) -> int:
     with _lock:
         executions[(tx.uuid, f"{tx.platform}.{tx.stage}")] += 1

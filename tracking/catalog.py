@@ -66,9 +66,10 @@ class Platform:
         concurrency: at most this many calls of this platform at once, across all workers
             and runs (licensed robot or application sessions), through a Prefect global
             concurrency limit; ``None`` (default) is no limit and costs no API call.
-        record_each: in batch granularity, start and record each attempt on its own
-            before the next call (for calls that must never be repeated after a crash);
-            by default a batch's attempts start together and are recorded together.
+        idempotent: its calls may safely be repeated: then batch granularity records a
+            batch's results together (``Tracker.complete_many``, much faster), and a process
+            killed mid-batch repeats the batch's unrecorded calls. By default each result is
+            recorded as its call returns, so a crash repeats at most the call in flight.
     """
 
     code: str
@@ -78,7 +79,7 @@ class Platform:
     fn: Callable[..., Any] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     concurrency: int | None = None
-    record_each: bool = False
+    idempotent: bool = False
 
     def __post_init__(self) -> None:
         _check_code("platform", self.code)
@@ -200,7 +201,7 @@ class Process:
         stages: Iterable[str] = (DEFAULT_STAGE,),
         retry: RetryPolicy | None = None,
         concurrency: int | None = None,
-        record_each: bool = False,
+        idempotent: bool = False,
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorator: make a function a platform of this process.
@@ -227,7 +228,7 @@ class Process:
                     fn=fn,
                     task_options=dict(task_options),
                     concurrency=concurrency,
-                    record_each=record_each,
+                    idempotent=idempotent,
                 )
             )
             return fn

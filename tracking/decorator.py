@@ -239,10 +239,11 @@ def execute_batch(
     (``Tracker.complete_many``), and until then the run's heartbeat keeps the leases of the
     finished calls alive. Returns how many were recorded.
 
-    A run that is stopping starts no further call. If the process dies before the batch is
+    Used for ``Platform(idempotent=True)`` only: if the process dies before the batch is
     recorded, its finished calls are recorded as lost attempts (once each) and retried, so
-    nothing is recorded twice; a platform whose calls must never be repeated after a crash
-    says ``Platform(record_each=True)`` and runs through ``execute``, recorded call by call.
+    they are called again. Other platforms run through ``execute``, recorded call by call,
+    so a crash repeats at most the call in flight. A run that is stopping starts no
+    further call.
     """
     claim = contexts[0].claim
     assert claim is not None, "execute_batch() needs claimed stages"

@@ -47,9 +47,9 @@ def run_batch(
     label: str, platform_task: Task[..., Any], platform: Platform, contexts: list[TxContext]
 ) -> int:
     """Run a batch of claimed stages of one platform stage in one task run (each still
-    tracked in SQL): started and recorded together, or one by one when the platform says
-    ``record_each``."""
-    if platform.record_each or platform.fn is None:
+    tracked in SQL): each result recorded as its call returns, or, for an ``idempotent``
+    platform, the batch's results recorded together."""
+    if not platform.idempotent or platform.fn is None:
         for tx in contexts:
             platform_task.fn(tx)
         return len(contexts)

@@ -19,7 +19,8 @@ def test_a_platform_with_one_session_runs_one_call_at_a_time(env, granularity):
                           concurrency=3)
     assert summary["stages_run"] == 12
     assert flow_processes.peak["ROBOT"] == 1
-    assert flow_processes.peak["FREE"] > 1  # the unlimited platform ran calls side by side
+    if granularity == "stage":  # (a batch's calls run one after the other)
+        assert flow_processes.peak["FREE"] > 1  # the unlimited platform ran side by side
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(
             concurrency_limit_name("SESSIONS", "ROBOT"))
