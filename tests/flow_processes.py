@@ -82,8 +82,9 @@ def slow_call(tx: TxContext) -> int:
 
 processes.append(slow_batch)
 
-# A platform with one licensed session (at most one call at a time, across runs) before one
-# without a limit; ``peak`` is the most calls of each seen at once.
+# A platform without a limit (its six stages are runnable at once, so its calls overlap) before
+# one with one licensed session (at most one call at a time, across runs: its stages become
+# runnable while earlier ones run); ``peak`` is the most calls of each seen at once.
 sessions = Process("SESSIONS", dedup=KeyFields("id"))
 in_call: Counter[str] = Counter()
 peak: Counter[str] = Counter()
@@ -93,12 +94,12 @@ def _occupy(tx: TxContext) -> int:
     with _lock:
         in_call[tx.platform] += 1
         peak[tx.platform] = max(peak[tx.platform], in_call[tx.platform])
-    time.sleep(0.1 if tx.platform == "ROBOT" else 0.5)  # FREE calls overlap, if allowed
+    time.sleep(0.2 if tx.platform == "ROBOT" else 1.0)  # FREE calls overlap, if allowed
     with _lock:
         in_call[tx.platform] -= 1
     return 0
 
 
-sessions.platform("ROBOT", order=1, concurrency=1)(_occupy)
-sessions.platform("FREE", order=2)(_occupy)
+sessions.platform("FREE", order=1)(_occupy)
+sessions.platform("ROBOT", order=2, concurrency=1)(_occupy)
 processes.append(sessions)
