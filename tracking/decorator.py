@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from prefect import Task
@@ -49,7 +50,7 @@ from prefect.states import Completed, Failed, State
 
 from tracking.catalog import Platform, Process
 from tracking.errors import InvalidTransition, LeaseLost
-from tracking.models import StageState, TxStage
+from tracking.models import StageState, TxStage, TxState
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
 from tracking.store import Completion, Tracker
 
@@ -117,12 +118,14 @@ class TxContext:
         # Set by the tracked task for its run's bookkeeping: the stage as this attempt
         # recorded it (None when it recorded nothing: skipped, or ended before recording).
         self.recorded: TxStage | None = None
+        # The transaction's state when its stage was claimed (to take back an attempt).
+        self.claimed_state = TxState.PENDING
 
     @classmethod
     def of(cls, stage: TxStage, claim: Claim) -> TxContext:
         """The context of a stage claimed by ``claim.owner``."""
         tx = stage.transaction
-        return cls(
+        context = cls(
             dict(tx.payload) if tx else {},
             uuid=stage.uuid,
             process=stage.process_code,
@@ -132,6 +135,9 @@ class TxContext:
             business_key=tx.business_key if tx else "",
             claim=claim,
         )
+        if tx is not None:
+            context.claimed_state = TxState(tx.state)
+        return context
 
     def __repr__(self) -> str:
         return (
@@ -234,16 +240,17 @@ def execute_batch(
     fn: Callable[[TxContext], Any], contexts: list[TxContext], limit: str | None = None
 ) -> int:
     """Run the attempts of a batch of claimed stages of one platform stage and record them
-    together. Each attempt starts right before its call (so a crash loses only the call that
-    was running); the results are written at the end in one database transaction
-    (``Tracker.complete_many``), and until then the run's heartbeat keeps the leases of the
-    finished calls alive. Returns how many were recorded.
+    together: the attempts start together (``Tracker.start_attempts``), the calls run one
+    after the other, and the results are written at the end in one database transaction
+    (``Tracker.complete_many``); until then the run's heartbeat keeps the leases alive.
+    Returns how many were recorded.
 
     Used for ``Platform(idempotent=True)`` only: if the process dies before the batch is
-    recorded, its finished calls are recorded as lost attempts (once each) and retried, so
-    they are called again. Other platforms run through ``execute``, recorded call by call,
-    so a crash repeats at most the call in flight. A run that is stopping starts no
-    further call.
+    recorded, each attempt of the batch is recorded as lost (once) and retried, so its
+    finished calls are called again. Other platforms run through ``execute``, recorded call
+    by call, so a crash repeats at most the call in flight. A run that is stopping calls
+    nothing more: the attempts not called are taken back (``Tracker.unstart``) and the
+    stages released with their attempts intact.
     """
     claim = contexts[0].claim
     assert claim is not None, "execute_batch() needs claimed stages"
@@ -253,36 +260,55 @@ def execute_batch(
         logger: Any = get_run_logger()
     except Exception:  # outside a run context (batch helpers in tests)
         logger = contexts[0].logger
-    started: list[TxContext] = []
+    if claim.stopping.is_set():
+        return 0
+    first = contexts[0]
+    since = tracker.clock()
+    attempts = tracker.start_attempts(first.platform, first.stage, [tx.uuid for tx in contexts],
+                                      owner=claim.owner, lease_seconds=claim.lease_seconds)
+    started = [tx for tx in contexts if tx.uuid in attempts]
+    for tx in contexts:
+        if tx.uuid not in attempts:
+            logger.warning("not started: stage %s.%s of transaction %s is no longer reserved "
+                           "by %r", tx.platform, tx.stage, tx.uuid, claim.owner)
+    with claim.lock:
+        claim.awaiting.update(attempts)
     completions: list[Completion] = []
     try:
-        for tx in contexts:
+        for tx in started:
             if claim.stopping.is_set():
                 break
+            tx.attempt, tx.logger = attempts[tx.uuid], logger
             with session(limit):
-                try:
-                    tx.attempt = tracker.start_attempt(tx.uuid, tx.platform, tx.stage,
-                                                       owner=claim.owner,
-                                                       lease_seconds=claim.lease_seconds)
-                except LeaseLost as exc:
-                    logger.warning("not started: %s", exc)
-                    continue
-                tx.logger = logger
                 result = _call(fn, tx)
-            with claim.lock:
-                claim.awaiting.add(tx.uuid)
-            started.append(tx)
             completions.append(Completion(tx.uuid, tx.platform, tx.stage, result, task_run_id))
         recorded = tracker.complete_many(completions, owner=claim.owner, flow_run_id=flow_run_id)
     finally:
         with claim.lock:
-            claim.awaiting.difference_update(tx.uuid for tx in started)
-    for tx, stage in zip(started, recorded, strict=True):
+            claim.awaiting.difference_update(attempts)
+        _take_back(tracker, started[len(completions):], since, logger)
+    for tx, stage in zip(started, recorded, strict=False):
         if isinstance(stage, LeaseLost):
             logger.warning("attempt not recorded: %s", stage)
         else:
             tx.recorded = stage
     return sum(tx.recorded is not None for tx in started)
+
+
+def _take_back(tracker: Tracker, uncalled: list[TxContext], since: datetime,
+               logger: Any) -> None:
+    """Uncount the started attempts of a batch whose platform was not called."""
+    if not uncalled:
+        return
+    first, claim = uncalled[0], uncalled[0].claim
+    assert claim is not None
+    before = {tx.uuid: tx.claimed_state for tx in uncalled}
+    try:
+        tracker.unstart(first.platform, first.stage, before, owner=claim.owner,
+                        since=since)
+    except Exception as exc:  # their leases expire; each is then recorded as lost, once
+        logger.warning("could not take back %d attempts not called: %s: %s", len(uncalled),
+                       type(exc).__name__, exc)
 
 
 def state_for(result: ExecutionResult, stage: TxStage) -> State[Any]:

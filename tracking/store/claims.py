@@ -179,6 +179,62 @@ def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: s
     raise LeaseLost(_why_not_reserved(engine, uuid, platform, stage, owner))
 
 
+def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[str], owner: str,
+                   now: datetime, lease_seconds: float) -> dict[str, int]:
+    """Start the attempts of many reserved stages of one platform stage together (two
+    statements per 500); the attempt number of each one started, by uuid (the others are
+    no longer reserved by ``owner``)."""
+    started: dict[str, int] = {}
+    expires = now + timedelta(seconds=lease_seconds)
+    with engine.begin() as conn:
+        for i in range(0, len(uuids), CHUNK):
+            rows = conn.execute(
+                sa.update(STAGE)
+                .where(STAGE.c.uuid.in_(list(uuids[i : i + CHUNK])), STAGE.c.platform == platform,
+                       STAGE.c.stage == stage, STAGE.c.lease_owner == owner, RESERVED)
+                .values(attempt=STAGE.c.attempt + 1, started_at=now, lease_expires_at=expires,
+                        updated_at=now)
+                .returning(STAGE.c.uuid, STAGE.c.attempt)
+            ).all()
+            started.update((r.uuid, int(r.attempt)) for r in rows)
+            if rows:
+                conn.execute(
+                    sa.update(TX)
+                    .where(TX.c.uuid.in_([r.uuid for r in rows]),
+                           TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]))
+                    .values(state=TxState.IN_PROGRESS, updated_at=now)
+                )
+    return started
+
+
+def unstart(engine: Engine, platform: str, stage: str, before: dict[str, TxState], owner: str,
+            since: datetime, now: datetime) -> int:
+    """Take back attempts started by ``start_attempts`` from ``since`` on whose platform was
+    never called (the run is stopping): each stage is reserved again, its attempt uncounted,
+    its transaction back in the state it had (``before``, by uuid). Returns how many."""
+    uuids = list(before)
+    undone = []
+    with engine.begin() as conn:
+        for i in range(0, len(uuids), CHUNK):
+            undone += conn.execute(
+                sa.update(STAGE)
+                .where(STAGE.c.uuid.in_(uuids[i : i + CHUNK]), STAGE.c.platform == platform,
+                       STAGE.c.stage == stage, STAGE.c.lease_owner == owner,
+                       STAGE.c.state == StageState.IN_PROGRESS,
+                       STAGE.c.started_at >= since)
+                .values(attempt=STAGE.c.attempt - 1, started_at=None, updated_at=now)
+                .returning(STAGE.c.uuid)
+            ).scalars().all()
+        if undone:
+            conn.execute(
+                sa.update(TX)
+                .where(TX.c.uuid == sa.bindparam("b_uuid"), TX.c.state == TxState.IN_PROGRESS)
+                .values(state=sa.bindparam("b_state")),
+                [{"b_uuid": u, "b_state": before[u]} for u in undone],
+            )
+    return len(undone)
+
+
 def _why_not_reserved(engine: Engine, uuid: str, platform: str, stage: str, owner: str) -> str:
     where = f"stage {platform}.{stage} of transaction {uuid}"
     with read_only(engine) as conn:

@@ -6,6 +6,7 @@ form instead of rebuilding and re-hashing a statement on every call.
 
 from __future__ import annotations
 
+import functools
 import math
 from datetime import datetime
 from typing import Any
@@ -105,12 +106,14 @@ def policy_columns(policy: RetryPolicy) -> dict[str, Any]:
 
 def policy_of(row: Any) -> RetryPolicy:
     """The retry policy a stage row runs under (its cap is ``attempts_allowed``)."""
-    return RetryPolicy(
-        delay=row.retry_delay_seconds,
-        backoff=row.retry_backoff,
-        max_delay=row.retry_max_delay_seconds,
-        jitter=row.retry_jitter_seconds,
-    )
+    return _policy(row.retry_delay_seconds, row.retry_backoff, row.retry_max_delay_seconds,
+                   row.retry_jitter_seconds)
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(delay: float, backoff: float, max_delay: float, jitter: float) -> RetryPolicy:
+    # A batch's stages share a few policies: each is checked and built once.
+    return RetryPolicy(delay=delay, backoff=backoff, max_delay=max_delay, jitter=jitter)
 
 
 def label(row: Any) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from tracking.catalog import Platform, Process
 from tracking.errors import LeaseLost, UnknownProcessError
-from tracking.models import EventKind, TxProcess, TxStage, utcnow
+from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
 from tracking.store import catalog, claims, intake, reads, transitions
 from tracking.store.intake import Intake
@@ -198,6 +198,39 @@ class Tracker:
         return claims.start_attempt(self.engine, uuid, platform, stage, owner, self.clock(),
                                     lease_seconds)
 
+    def start_attempts(
+        self, platform: str, stage: str, uuids: Sequence[str], *, owner: str,
+        lease_seconds: float = 1800,
+    ) -> dict[str, int]:
+        """Start the attempts of many stages of one platform stage that ``owner`` has
+        reserved, together (a batch of an idempotent platform); the attempt number of each
+        one started, by uuid. A uuid missing from the answer is no longer reserved by
+        ``owner``: do not call the platform for it.
+
+        Example:
+            started = tracker.start_attempts("SAP", "main", [s.uuid for s in claimed],
+                                             owner="run-42")
+        """
+        owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
+        uuids = _check_uuids(uuids)
+        for name, value in (("platform", platform), ("stage", stage)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        return claims.start_attempts(self.engine, platform, stage, uuids, owner, self.clock(),
+                                     lease_seconds)
+
+    def unstart(
+        self, platform: str, stage: str, before: Mapping[str, TxState], *, owner: str,
+        since: datetime,
+    ) -> int:
+        """Take back attempts that ``start_attempts`` started from ``since`` on and whose
+        platform was never called (the run is stopping): each stage is reserved by
+        ``owner`` again with its attempt uncounted, and its transaction back in the state
+        it had before (``before``: uuid -> state, as claimed). Then ``release`` them."""
+        owner = check_owner(owner)
+        return claims.unstart(self.engine, platform, stage, dict(before), owner, since,
+                              self.clock())
+
     def renew_attempts(self, uuids: Sequence[str], *, owner: str, seconds: float) -> int:
         """Keep the leases of started attempts of these transactions alive (``owner``'s):
         for attempts whose call returned and whose result waits to be recorded with its
@@ -222,10 +255,8 @@ class Tracker:
         stages of these transactions): runnable again now, attempts intact, a RELEASED event
         each. Started attempts are left alone. Returns how many stages were released."""
         owner = check_owner(owner)
-        if uuids is not None and (
-            isinstance(uuids, str) or not all(isinstance(u, str) for u in uuids)
-        ):
-            raise ValueError(f"uuids must be a list of transaction uuids, got {uuids!r}")
+        if uuids is not None:
+            uuids = _check_uuids(uuids)
         return claims.release(self.engine, claims.held_by(process_code, owner),
                               f"released by {owner}: {reason}", self.clock(), uuids=uuids)
 
@@ -339,3 +370,9 @@ class Tracker:
     def get_transaction(self, uuid: str) -> TxProcess:
         """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
         return reads.get_transaction(self.engine, uuid)
+
+
+def _check_uuids(uuids: Any) -> list[str]:
+    if isinstance(uuids, str) or not all(isinstance(u, str) for u in uuids):
+        raise ValueError(f"uuids must be a list of transaction uuids, got {uuids!r}")
+    return list(uuids)

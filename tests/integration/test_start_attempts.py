@@ -1,0 +1,104 @@
+"""``Tracker.start_attempts`` (a batch of an idempotent platform starts together) and
+``Tracker.unstart`` (what a stopping run did not call is taken back, attempts intact)."""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+
+from tests.conftest import cancellation_process
+from tracking import StageState, Tracker, TxState
+from tracking.decorator import Claim, TxContext, execute_batch
+
+P = "CANCELLATION"
+
+
+def _rows(tracker: Tracker) -> list[tuple]:
+    with tracker.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT p.business_key, p.state, s.state, s.attempt, s.started_at IS NOT NULL "
+            "FROM tx_process p JOIN tx_stage s ON s.uuid = p.uuid WHERE s.seq = 1 "
+            "ORDER BY p.business_key"))]
+
+
+def test_start_attempts_starts_what_the_owner_reserved_and_nothing_else(engine, clock):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"S{i}"} for i in range(4)])
+    mine = tracker.claim(P, "A", owner="run-1", limit=3)
+    other = tracker.claim(P, "A", owner="run-2", limit=1)
+    tracker.cancel(mine[2].uuid, reason="operator")
+    started = tracker.start_attempts("A", "validate", [s.uuid for s in [*mine, *other]],
+                                     owner="run-1")
+    assert started == {mine[0].uuid: 1, mine[1].uuid: 1}
+    assert _rows(tracker) == [
+        ("S0", "IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("S1", "IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("S2", "CANCELLED", "CANCELLED", 0, False),
+        ("S3", "PENDING", "IN_PROGRESS", 0, False),  # run-2's reservation, not started
+    ]
+    # Started once: a second start of the same stages starts nothing.
+    assert tracker.start_attempts("A", "validate", [mine[0].uuid], owner="run-1") == {}
+
+
+def test_unstart_takes_back_the_attempts_and_the_transaction_states(engine, clock):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"U{i}"} for i in range(3)])
+    claimed = tracker.claim(P, "A", owner="run-1", limit=3)
+    since = tracker.clock()
+    tracker.start_attempts("A", "validate", [s.uuid for s in claimed], owner="run-1")
+    before = {s.uuid: TxState.PENDING for s in claimed[1:]}
+    assert tracker.unstart("A", "validate", before, owner="run-1", since=since) == 2
+    assert _rows(tracker) == [
+        ("U0", "IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("U1", "PENDING", "IN_PROGRESS", 0, False),
+        ("U2", "PENDING", "IN_PROGRESS", 0, False),
+    ]
+    assert tracker.release(P, owner="run-1") == 2
+    assert [r[2:] for r in _rows(tracker)[1:]] == [("PENDING", 0, False)] * 2
+
+
+def test_a_stopping_batch_calls_nothing_more_and_keeps_the_attempts_of_what_it_did_not_call(
+    engine, clock
+):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"B{i}"} for i in range(5)])
+    claim = Claim(tracker, "run-1", 60)
+    contexts = [TxContext.of(s, claim) for s in tracker.claim(P, "A", owner="run-1", limit=5)]
+    called: list[str] = []
+
+    def platform(tx: TxContext) -> int:
+        called.append(tx.business_key)
+        if len(called) == 2:
+            claim.stopping.set()  # the run is told to stop during the second call
+        return 0
+
+    assert execute_batch(platform, contexts) == 2
+    assert called == ["B0", "B1"]
+    rows = _rows(tracker)
+    assert [r[2:4] for r in rows[:2]] == [("COMPLETED", 1)] * 2
+    # The other three are reserved again, attempt uncounted, transaction as claimed.
+    assert rows[2:] == [(f"B{i}", "PENDING", "IN_PROGRESS", 0, False) for i in (2, 3, 4)]
+    assert not claim.awaiting
+    assert tracker.release(P, owner="run-1") == 3
+    assert {tracker.get_transaction(c.uuid).stages[0].state for c in contexts[2:]} == {
+        StageState.PENDING}
+
+
+def test_the_heartbeat_renews_a_started_batch_until_it_is_recorded(engine, clock):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"H{i}"} for i in range(2)])
+    claim = Claim(tracker, "run-1", 60)
+    contexts = [TxContext.of(s, claim) for s in tracker.claim(P, "A", owner="run-1", limit=2)]
+    seen: list[set[str]] = []
+    lock = threading.Lock()
+
+    def platform(tx: TxContext) -> int:
+        with lock:
+            seen.append(set(claim.awaiting))
+        return 0
+
+    assert execute_batch(platform, contexts) == 2
+    # Every started attempt was in the heartbeat's set while the batch ran.
+    assert seen == [{c.uuid for c in contexts}] * 2
+    assert not claim.awaiting
