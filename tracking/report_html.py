@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +52,14 @@ COLOURS = {
 FINISHED_SERIES = ("completed", "rejected", "exhausted", "cancelled")
 MAX_BARS = 14 * 24  # longer windows are charted per day
 CHART_WIDTH = 960
+
+
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links somewhere: ``text`` (escaped) pointing at ``href``."""
+
+    text: Any
+    href: str
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,23 @@ def render_html(
 
 def page(data: ReportData) -> str:
     """Lay out a ``ReportData`` as HTML (the template ``templates/report.html.j2``)."""
-    return _template().render(
+    return template("report.html.j2").render(**context(data))
+
+
+def context(
+    data: ReportData, *, link_transaction: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """What ``report.html.j2`` (and the templates extending it) show of ``data``.
+
+    ``link_transaction(uuid)``, when given, is the address of a transaction's page: the
+    business keys of the waiting items then link to it (the live dashboard does so).
+    """
+    def key(item: AgingItem) -> Any:
+        if link_transaction is None:
+            return item.business_key
+        return Link(item.business_key, link_transaction(item.uuid))
+
+    return dict(
         title=data.title,
         scope=data.process or "all processes",
         start=data.start,
@@ -127,7 +151,7 @@ def page(data: ReportData) -> str:
                      for e in data.errors),
         durations=_rows([d.platform, d.attempts, d.mean_seconds, d.p95_seconds, d.max_seconds]
                         for d in data.durations),
-        aging=_rows([i.business_key, f"{i.platform}.{i.stage}", i.state, i.attempts,
+        aging=_rows([key(i), f"{i.platform}.{i.stage}", i.state, i.attempts,
                      f"{i.error_code}: {i.error_description or ''}" if i.error_code else "",
                      i.created_at, _duration(i.age_seconds)] for i in data.aging),
     )
@@ -143,7 +167,9 @@ def _escape(value: Any) -> Markup:
 
 
 @functools.cache
-def _template() -> jinja2.Template:
+def environment() -> jinja2.Environment:
+    """The templates of ``tracking/templates``: autoescaped, strict, with the report's filters
+    (``num``, ``when``), tests (``datetime``, ``link``) and colours."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("tracking", "templates"),
         autoescape=True,
@@ -156,8 +182,13 @@ def _template() -> jinja2.Template:
     env.filters["num"] = lambda value: f"{value:,}"
     env.filters["when"] = _when
     env.tests["datetime"] = lambda value: isinstance(value, datetime)
+    env.tests["link"] = lambda value: isinstance(value, Link)
     env.globals["colours"] = COLOURS
-    return env.get_template("report.html.j2")
+    return env
+
+
+def template(name: str) -> jinja2.Template:
+    return environment().get_template(name)
 
 
 # -- totals ----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Creating the app does no I/O: the database connection, the migrations and the re
 of the processes listed in ``TRACKING_PROCESSES`` happen in the app's lifespan (startup).
 Without ``PREFECT_API_URL``, the first inline run starts Prefect's temporary server; the
 lifespan's shutdown stops it (SIGTERM included), so stopping the API leaves nothing running.
-See README.md, section "HTTP API", for the endpoints.
+See README.md, section "HTTP API", for the endpoints, and section "Dashboard" for the HTML
+pages of ``tracking/api/dashboard.py`` (``GET /dashboard``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 
 from tracking import __version__
+from tracking.api.dashboard import install_dashboard
 from tracking.api.errors import ApiError, install_handlers
 from tracking.api.logs import configure_logging
 from tracking.api.middleware import RequestMiddleware
@@ -132,6 +134,7 @@ def create_app(
             start(app, settings, tracker)  # usable without running the lifespan
 
     install_handlers(app)
+    install_dashboard(app)  # HTML pages: not in the OpenAPI document, their own error page
     app.add_middleware(RequestMiddleware, get_settings=functools.partial(settings_of, app))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
