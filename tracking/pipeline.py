@@ -2,8 +2,10 @@
 Prefect task runs, keep the reservations alive, settle what each task run recorded.
 
 A run goes platform stage by platform stage (``Pipeline.run``), in order, so one run can take
-a transaction from A to B to C. It claims only free task run slots (plus one round ahead in
-stage granularity), so every reserved stage starts soon; a heartbeat renews what is reserved
+a transaction from A to B to C. It claims only free task run slots (plus, in stage
+granularity, what its task runs will start within about a second, so a claim serves several
+task runs of a fast platform and one round of a slow one), so every reserved stage starts
+soon; a heartbeat renews what is reserved
 but not started; a stage a task run left unrecorded is recorded as a system error if its
 attempt started, else released with its attempts intact.
 """
@@ -38,6 +40,10 @@ from tracking.store import MAX_CLAIM, Tracker
 # A stage reserved but not started outlives a dead run this long at most (the live run's
 # heartbeat renews it every third of that).
 RESERVATION_SECONDS = 60.0
+# Stage granularity reserves ahead what its task runs are expected to start within this long
+# (from the task runs of the step so far), between one round and MAX_ROUNDS_AHEAD rounds.
+RESERVE_AHEAD_SECONDS = 1.0
+MAX_ROUNDS_AHEAD = 32
 Granularity = Literal["stage", "batch"]
 
 
@@ -138,6 +144,7 @@ class _Job:
         self.contexts = contexts
         self.future = future
         self.step = 0  # the index of its platform stage in the run
+        self.submitted = time.monotonic()
 
     def ending(self) -> str:
         """How the task run ended, for a stage it left unrecorded."""
@@ -171,6 +178,17 @@ class _Step:
     stage: str
     waiting: list[TxContext] = field(default_factory=list)
     drained: bool = False
+    seconds_per_job: float | None = None  # a moving average of its task runs' durations
+
+    def rounds_ahead(self) -> int:
+        """How many rounds of task runs to reserve ahead: those due within about a second."""
+        if not self.seconds_per_job:
+            return 1
+        return max(1, min(MAX_ROUNDS_AHEAD, int(RESERVE_AHEAD_SECONDS / self.seconds_per_job)))
+
+    def finished(self, seconds: float) -> None:
+        last = self.seconds_per_job
+        self.seconds_per_job = seconds if last is None else 0.8 * last + 0.2 * seconds
 
 
 class Pipeline:
@@ -214,6 +232,9 @@ class Pipeline:
                 finished = [j for j in jobs if j.future.wrapped_future in done]  # type: ignore[attr-defined]
                 jobs = [j for j in jobs if j not in finished]
                 self._settle(finished)
+                now = time.monotonic()
+                for job in finished:
+                    state[job.step].finished(now - job.submitted)
                 for job in finished:  # what they recorded may have made the next step due
                     if job.step + 1 < len(state):
                         state[job.step + 1].drained = False
@@ -238,9 +259,9 @@ class Pipeline:
             stopped = budget.exceeded(self.claimed)
             if stopped is not None:
                 return stopped
-            # Stage granularity keeps up to one more round reserved, so a claim serves
+            # Stage granularity keeps what will start soon reserved, so a claim serves
             # several task runs; batches start as they are claimed.
-            ahead = o.concurrency if unit == 1 else 0
+            ahead = o.concurrency * step.rounds_ahead() if unit == 1 else 0
             want = min((free + ahead) * unit, budget.room(self.claimed),
                        o.batch_size if unit == 1 else free * unit)
             claimed = self.tracker.claim(
