@@ -623,7 +623,7 @@ def run_benchmark(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     bench.run_tracked(50, 1, granularity="batch", batch_size=25)
 
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in range(1, args.repeats + 1):
+    for r in range(1, 0 if args.batch_only else args.repeats + 1):
         for mode, c in (("sequential", 1), ("concurrent", conc)):
             for kind in ("bare", "tracked"):
                 run = bench.run_bare(n, c) if kind == "bare" else bench.run_tracked(n, c)
@@ -635,7 +635,7 @@ def run_benchmark(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                     f"up in {run['server_catch_up_seconds']:.1f}s)")
 
     per_task: dict[str, Any] = {}
-    for mode in ("sequential", "concurrent"):
+    for mode in () if args.batch_only else ("sequential", "concurrent"):
         bare = summarize(runs[f"bare-{mode}"])
         tracked = summarize(runs[f"tracked-{mode}"])
         paired = [
@@ -834,6 +834,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-threshold", type=float, default=1.0,
                         help="a pause longer than this (s) without a finished task run is a "
                              "server stall")
+    parser.add_argument("--batch-only", action="store_true",
+                        help="measure batch granularity only (not tracked vs bare task runs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes")
     parser.add_argument("--profile", action="store_true", help="always profile")
     parser.add_argument("--no-profile", action="store_true",

@@ -374,11 +374,14 @@ ROWS: list[tuple[str, str, str, str]] = [
      "intake)", "intake", "batch", "intake"),
     ("hourly run 1, per stage (here: `claim` 500 + `start_attempt` + `complete_stage`)",
      "run1", "stage", "run1"),
-    ("hourly run 1, here `start_attempts` + `complete_many` per claimed batch", "run1", "batch", "run1"),
+    ("hourly run 1, here `start_attempts` + `complete_many` per claimed batch",
+     "run1", "batch", "run1"),
     ("hourly run 2, per stage", "run2", "stage", "run2"),
-    ("hourly run 2, here `start_attempts` + `complete_many` per claimed batch", "run2", "batch", "run2"),
+    ("hourly run 2, here `start_attempts` + `complete_many` per claimed batch",
+     "run2", "batch", "run2"),
     ("whole workload, one by one + per stage", "total", "stage", "total"),
-    ("whole workload, `start_many` + `start_attempts` + `complete_many`", "total", "batch", "total"),
+    ("whole workload, `start_many` + `start_attempts` + `complete_many`",
+     "total", "batch", "total"),
 ]
 
 
@@ -501,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="markdown file (default bench/RESULTS.md; with --quick "
                         "bench/results/compare-quick.md)")
+    parser.add_argument("--no-companions", action="store_true",
+                        help="skip the Prefect-layer and HTTP API benchmarks that run after "
+                        "the comparison (bench_prefect.py, bench_api.py)")
+    parser.add_argument("--postgres-url",
+                        default=os.environ.get("TRACKING_TEST_POSTGRES_URL",
+                                               "postgresql://postgres@127.0.0.1:5432/test"),
+                        help="PostgreSQL server for batch granularity on PostgreSQL "
+                        "(a database of its own is created and dropped; '' to skip)")
     args = parser.parse_args(argv)
     sizes = [200] if args.quick else [
         int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()
@@ -537,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    companions = [] if args.no_companions else run_companions(args)
 
     meta.update(
         sqlite=meta["database_version"].removeprefix("SQLite "),
@@ -547,15 +559,100 @@ def main(argv: list[str] | None = None) -> int:
         elapsed_seconds=time.perf_counter() - began,
         notes=notes(results, args),
     )
-    text = render(results, meta)
+    text = render(results, meta) + render_companions(companions)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_out = RESULTS_DIR / ("compare-quick.json" if args.quick else "compare.json")
-    json_out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    json_out.write_text(json.dumps({"meta": meta, "results": results,
+                                    "companions": companions}, indent=2, default=str))
     print(text)
     print(f"Markdown: {_rel(output)}\nJSON: {_rel(json_out)}")
     return 0
+
+
+# -- the Prefect layer and the HTTP API, measured in the same run ---------------------------
+
+
+def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
+    """(title, command, JSON it writes) of each companion benchmark, run one after another."""
+    quick = ["--quick"] if args.quick else []
+    out = [
+        ("Prefect layer, SQLite: stage granularity vs bare Prefect tasks (a `prefect server "
+         "start` server), batch granularity",
+         ["bench/bench_prefect.py", "--no-profile", *quick,
+          "--output", str(RESULTS_DIR / "compare-prefect-sqlite.json")],
+         RESULTS_DIR / "compare-prefect-sqlite.json"),
+    ]
+    if args.postgres_url:
+        out.append((
+            "Prefect layer, PostgreSQL: batch granularity",
+            ["bench/bench_prefect.py", "--no-profile", "--batch-only", *quick,
+             "--database-url", args.postgres_url,
+             "--output", str(RESULTS_DIR / "compare-prefect-postgresql.json")],
+            RESULTS_DIR / "compare-prefect-postgresql.json"))
+    out.append((
+        "HTTP API, SQLite: `POST /transactions` and `GET /reports/summary` at 100k rows",
+        ["bench/bench_api.py", *quick], RESULTS_DIR / "api-sqlite.json"))
+    return out
+
+
+def run_companions(args: argparse.Namespace) -> list[dict[str, Any]]:
+    done = []
+    for title, command, json_file in companion_commands(args):
+        log(f"{title}: {' '.join(command)}")
+        began = time.perf_counter()
+        proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True,
+                              text=True)
+        entry: dict[str, Any] = {"title": title, "command": " ".join(command),
+                                 "seconds": time.perf_counter() - began,
+                                 "exit_code": proc.returncode}
+        if proc.returncode == 0 and json_file.exists():
+            entry["result"] = json.loads(json_file.read_text())
+        else:
+            entry["error"] = (proc.stderr or proc.stdout)[-2000:]
+        done.append(entry)
+    return done
+
+
+def companion_targets(entry: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, figure, met) of a companion's result."""
+    result = entry["result"]
+    if "meta" in result:  # bench_prefect.py
+        return [(t["name"].strip(), t["detail"], t["met"]) for t in result["meta"]["targets"]]
+    targets, out = result["targets"], []
+    create = result["create"]
+    out.append((f"`POST /transactions` >= {targets['create_requests_per_s']:,}/s "
+                f"(concurrency {create['concurrency']})",
+                f"{create['requests_per_s']:,.0f}/s, p99 {create['p99_ms']:.1f} ms",
+                create["requests_per_s"] >= targets["create_requests_per_s"]))
+    for key in ("summary", "summary_sequential"):
+        r = result[key]
+        out.append((f"`GET /reports/summary` p99 < {targets['summary_p99_ms']} ms at "
+                    f"{result['transactions']:,} rows (concurrency {r['concurrency']})",
+                    f"p99 {r['p99_ms']:.1f} ms, p50 {r['p50_ms']:.1f} ms, "
+                    f"{r['requests_per_s']:,.0f}/s",
+                    r["p99_ms"] < targets["summary_p99_ms"]))
+    return out
+
+
+def render_companions(companions: list[dict[str, Any]]) -> str:
+    if not companions:
+        return ""
+    lines = ["", "## The Prefect layer and the HTTP API (the same run, after the comparison)",
+             ""]
+    for entry in companions:
+        lines += [f"### {entry['title']}", "",
+                  f"`{entry['command']}` ({entry['seconds']:,.0f} s)", ""]
+        if "result" not in entry:
+            lines += [f"Failed (exit code {entry['exit_code']}):", "", "```",
+                      entry["error"].strip(), "```", ""]
+            continue
+        lines += ["| target | figure | |", "|---|---|---|"]
+        lines += [f"| {name} | {figure} | {'met' if met else '**missed**'} |"
+                  for name, figure, met in companion_targets(entry)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def notes(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
