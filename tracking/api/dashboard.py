@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse
 
 from tracking import dashboard_html
 from tracking.api.logs import current_request_id
 from tracking.api.routes import Service
 from tracking.api.schemas import is_uuid
-from tracking.api.security import current_settings
+from tracking.api.security import api_key_header, current_settings, key_matches
 from tracking.errors import TransactionNotFound
 from tracking.settings import Settings
 
@@ -60,7 +59,9 @@ class PageError(Exception):
 
 
 def _basic_password(authorization: str | None) -> str | None:
-    """The password of an ``Authorization: Basic`` header (None if there is none)."""
+    """The password of an ``Authorization: Basic`` header (None if there is none). Not
+    FastAPI's ``HTTPBasic``: it refuses non-ASCII passwords and answers a malformed header
+    with its own JSON 401 instead of this page's."""
     if not authorization or not authorization[:6].lower() == "basic ":
         return None
     try:
@@ -70,24 +71,18 @@ def _basic_password(authorization: str | None) -> str | None:
     return decoded.partition(":")[2] if ":" in decoded else None
 
 
-def _matches(given: str | None, expected: str, encoding: str) -> bool:
-    return given is not None and secrets.compare_digest(
-        given.encode(encoding, "replace"), expected.encode("utf-8")
-    )
-
-
 async def require_dashboard_key(
-    request: Request, settings: Annotated[Settings, Depends(current_settings)]
+    settings: Annotated[Settings, Depends(current_settings)],
+    header: Annotated[str | None, Depends(api_key_header)],
+    authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     """The reads' rule: the key only when set and ``api_key_for_reads``; taken from
     ``X-API-Key`` or as the password of HTTP Basic authentication."""
     expected = settings.api_key
     if not (expected and settings.api_key_for_reads):
         return
-    # Header values arrive decoded as latin-1 (back to their bytes); Basic's is UTF-8.
-    if _matches(request.headers.get("x-api-key"), expected, "latin-1") or _matches(
-        _basic_password(request.headers.get("authorization")), expected, "utf-8"
-    ):
+    password = _basic_password(authorization)
+    if key_matches(header, expected) or key_matches(password, expected, "utf-8"):
         return
     raise PageError(
         401, "UNAUTHORIZED",

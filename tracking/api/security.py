@@ -31,6 +31,14 @@ api_key_header = APIKeyHeader(
 )
 
 
+def key_matches(given: str | None, expected: str, encoding: str = "latin-1") -> bool:
+    """Whether ``given`` is the key, compared in constant time. Header values arrive decoded
+    as latin-1 (back to their bytes, whatever they are); HTTP Basic passwords as UTF-8."""
+    return given is not None and secrets.compare_digest(
+        given.encode(encoding, "replace"), expected.encode("utf-8")
+    )
+
+
 def settings_of(app: FastAPI) -> Settings:
     """The app's settings; ``503 SERVICE_STARTING`` before they are known (startup)."""
     settings: Settings | None = app.state.settings
@@ -52,10 +60,7 @@ async def require_api_key(
     expected = settings.api_key
     if not expected:
         return
-    # Header values arrive decoded as latin-1: back to their bytes, whatever they are.
-    if given is not None and secrets.compare_digest(
-        given.encode("latin-1"), expected.encode("utf-8")
-    ):
+    if key_matches(given, expected):
         return
     raise ApiError(
         401, "UNAUTHORIZED",
