@@ -51,7 +51,8 @@ def cancellation_process() -> Process:
     )
 
 
-TABLES = "tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process"
+TABLES = ("tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process, tx_purge, "
+          "tx_purging")
 
 
 def migrated(url: str) -> str:

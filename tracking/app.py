@@ -10,6 +10,8 @@ Example:
     app.run_now("ORDER_CANCELLATION")
     for result in app.requeue_many(uuids, reason="SAP is back", actor="ops"):
         print(result.uuid, result.error or result.tx.state)
+    plan = app.purge_plan(older_than=timedelta(days=90))      # a dry run: what would go
+    run = app.purge(archive="purged.jsonl", older_than=timedelta(days=90), actor="ops")
     app.close()
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,21 @@ from tracking.catalog import Process, find_process, load_processes
 from tracking.db import connect
 from tracking.errors import TrackingError, TransactionNotFound
 from tracking.items import IntakeSummary, read_items, take_in
-from tracking.models import TxProcess
+from tracking.models import TxProcess, utcnow
 from tracking.payloads import MAX_SOURCE_LENGTH
 from tracking.reports import Reports
+from tracking.retention import Archive
 from tracking.settings import Settings, use_database
 from tracking.store import Tracker
+from tracking.store.retention import (
+    DEFAULT_CHUNK,
+    PurgePreview,
+    PurgeRecord,
+    PurgeTotals,
+    Target,
+    check_chunk_size,
+    retentions,
+)
 
 
 def shown_url(url: str) -> str:
@@ -171,6 +184,108 @@ class App:
         """Requeue each stopped transaction; one result per distinct uuid, in order."""
         tracker = self.operator()
         return _each(uuids, lambda u: tracker.requeue(u, reason=reason, actor=actor))
+
+    # -- retention -------------------------------------------------------------------------
+
+    def purge_targets(
+        self, older_than: timedelta | None = None, process: str | None = None,
+        *, now: datetime | None = None,
+    ) -> tuple[list[Target], list[str]]:
+        """The targets of a purge, and the processes skipped (no retention).
+
+        With ``older_than`` every process of the database's catalog (or only ``process``) is
+        purged of what finished before ``now - older_than``; without it each process by its
+        own retention (``Process(retention=...)``, as stored in the catalog; the configured
+        processes are registered first, so the catalog has their current retention), and a
+        process without one is skipped.
+        """
+        if older_than is not None and (
+            not isinstance(older_than, timedelta) or older_than <= timedelta(0)
+        ):
+            raise ValueError(f"older_than must be a duration longer than zero, got {older_than!r}")
+        self.tracker()  # the catalog of the configured processes, current
+        if process is not None:
+            self.check_reported_process(process)  # UnknownProcessError naming the known ones
+        kept = retentions(self.engine)
+        codes = [process] if process is not None else list(kept)
+        now = now or utcnow()
+        targets, skipped = [], []
+        for code in codes:
+            keep = older_than
+            if keep is None and kept.get(code) is not None:
+                keep = timedelta(seconds=kept[code])
+            if keep is None:
+                skipped.append(code)
+                continue
+            try:
+                cutoff = now - keep
+            except OverflowError:
+                raise ValueError(f"a retention of {keep} reaches before the year 1") from None
+            targets.append(Target(code, keep, cutoff))
+        return targets, skipped
+
+    def purge_plan(
+        self, *, older_than: timedelta | None = None, process: str | None = None,
+        now: datetime | None = None,
+    ) -> PurgePlan:
+        """A dry run: what ``purge`` would delete now (nothing is deleted)."""
+        targets, skipped = self.purge_targets(older_than, process, now=now)
+        return PurgePlan(targets, skipped, self.operator().purge_preview(targets))
+
+    def purge(
+        self, *, archive: str | Path, older_than: timedelta | None = None,
+        process: str | None = None, format: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK, actor: str | None = None,
+        on_chunk: Callable[[str, int], None] | None = None, now: datetime | None = None,
+    ) -> PurgeRun:
+        """Archive to ``archive`` (appended: JSON lines, or CSV; see ``tracking.retention``)
+        and delete what ``purge_plan`` shows, ``chunk_size`` transactions per database
+        transaction, each chunk durable in the archive before it is deleted."""
+        check_chunk_size(chunk_size)
+        targets, skipped = self.purge_targets(older_than, process, now=now)
+        with Archive(archive, format) as sink:
+            written = 0
+
+            def write(records: list[Any]) -> None:
+                nonlocal written
+                written += sink.write(records)
+
+            totals = self.operator().purge(
+                targets, write, chunk_size=chunk_size, actor=actor,
+                archive_path=str(sink.path), archive_format=sink.format, on_chunk=on_chunk,
+            )
+        return PurgeRun(targets, skipped, totals, sink.path, sink.format, written)
+
+    def purge_history(self, process: str | None = None, *, limit: int = 100
+                      ) -> list[PurgeRecord]:
+        """The purge audit trail, newest first."""
+        return self.operator().purge_history(process, limit=limit)
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    """What a purge covers: a target per process (its cutoff), the processes skipped for
+    having no retention (only without ``older_than``), and what would be deleted now."""
+
+    targets: list[Target]
+    skipped: list[str]
+    preview: list[PurgePreview]
+
+    @property
+    def transactions(self) -> int:
+        return sum(p.transactions for p in self.preview)
+
+
+@dataclass(frozen=True)
+class PurgeRun:
+    """What a purge did: per target, what it deleted; the archive and its records written."""
+
+    targets: list[Target]
+    skipped: list[str]
+    totals: list[PurgeTotals]
+    archive: Path
+    format: str
+    written: int
 
 
 def _each(uuids: Iterable[str], action: Callable[[str], TxProcess]) -> list[ActionResult]:

@@ -28,6 +28,7 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from tracking.dedup import DedupStrategy, KeyFields, as_strategy
@@ -138,6 +139,9 @@ class Process:
         dedup: a strategy (``KeyFields``, ``PayloadHash``, ``Custom``) or a callable returning
             the item's key; default ``PayloadHash()``.
         description: free text shown in the catalog.
+        retention: how long its finished transactions are kept (``tracking purge`` without
+            ``--older-than`` archives and deletes those finished longer ago); ``None``
+            (default) keeps them forever.
     """
 
     def __init__(
@@ -146,10 +150,17 @@ class Process:
         platforms: Iterable[Platform] = (),
         dedup: DedupStrategy | Callable[[Mapping[str, Any]], str] | None = None,
         description: str = "",
+        retention: timedelta | None = None,
     ) -> None:
         self.code = _check_code("process", code)
         self.dedup = as_strategy(dedup)
         self.description = description
+        if retention is not None and (
+            not isinstance(retention, timedelta) or retention <= timedelta(0)
+        ):
+            raise ValueError(f"process {code!r}: retention must be a timedelta > 0 or None, "
+                             f"got {retention!r}")
+        self.retention = retention
         self._platforms: dict[str, Platform] = {}
         for p in platforms:
             self.add_platform(p)
@@ -241,6 +252,9 @@ class Process:
             "code": self.code,
             "description": self.description,
             "dedup": self.dedup.describe(),
+            "retention_seconds": (
+                None if self.retention is None else self.retention.total_seconds()
+            ),
             "platforms": [
                 {
                     "code": p.code,

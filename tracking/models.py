@@ -5,6 +5,7 @@
 * ``TxEvent``: the append-only audit trail (creation, every attempt, operator actions).
 * ``CatalogProcess`` / ``CatalogPlatform``: the registered process definitions, so that SQL
   reports and the API see the catalog.
+* ``TxPurge``: the audit trail of retention purges (``TxPurging``: what one is deleting now).
 
 Every timestamp is a timezone-aware UTC datetime (``UTCDateTime`` stores naive UTC on
 SQLite and ``timestamptz`` on PostgreSQL).
@@ -98,6 +99,8 @@ class CatalogProcess(SQLModel, table=True):
     description: str = Field(default="", sa_type=sa.Text)
     dedup_strategy: str = Field(max_length=32)
     dedup_fields: list[str] = Field(default_factory=list, sa_type=JSONType)
+    # How long finished transactions are kept (``Process(retention=...)``); NULL: forever.
+    retention_seconds: float | None = None
     registered_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -130,6 +133,14 @@ class TxProcess(SQLModel, table=True):
         sa.Index("ix_tx_process_created_at", "created_at"),
         # Covers the summary reports (index-only scans of a time window).
         sa.Index("ix_tx_process_window", "created_at", "process_code", "state"),
+        # A purge walks a process's finished transactions oldest first, a chunk at a time.
+        sa.Index(
+            "ix_tx_process_finished",
+            "process_code",
+            "finished_at",
+            sqlite_where=sa.text("finished_at IS NOT NULL"),
+            postgresql_where=sa.text("finished_at IS NOT NULL"),
+        ),
     )
 
     uuid: str = Field(primary_key=True, max_length=36)
@@ -261,3 +272,41 @@ class TxEvent(SQLModel, table=True):
         if self.started_at is None:
             return None
         return (self.created_at - self.started_at).total_seconds() * 1000
+
+
+class TxPurge(SQLModel, table=True):
+    """The audit trail of retention purges: one row per purge run and process, written in the
+    same database transaction as each chunk it deletes (so its counts are exactly what is
+    gone). ``finished_at`` is NULL while the run works, or when it was interrupted."""
+
+    __tablename__ = "tx_purge"
+    __table_args__ = (sa.Index("ix_tx_purge_process_started", "process_code", "started_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(max_length=36)
+    process_code: str = Field(max_length=64)
+    older_than_seconds: float
+    cutoff: datetime = Field(sa_type=UTCDateTime)
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    purged_at: datetime = Field(sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    chunks: int = 0
+    transactions: int = 0
+    stages: int = 0
+    events: int = 0
+    oldest_finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    newest_finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    archive_path: str | None = Field(default=None, sa_type=sa.Text)
+    archive_format: str | None = Field(default=None, max_length=8)
+    actor: str | None = Field(default=None, max_length=100)
+
+
+class TxPurging(SQLModel, table=True):
+    """The transactions a purge is deleting right now. Filled and emptied inside each chunk's
+    database transaction, so it is empty outside one: the append-only trigger of ``tx_event``
+    lets an event be deleted only while its transaction is listed here."""
+
+    __tablename__ = "tx_purging"
+
+    uuid: str = Field(primary_key=True, max_length=36)
+    purge_id: int

@@ -137,7 +137,7 @@ def test_openapi_declares_the_api_key_header_scheme_on_the_writes(make_client):
     scheme = spec["components"]["securitySchemes"]["ApiKey"]
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
     secured = _secured(spec)
-    assert len(secured) == 11
+    assert len(secured) == 12
     assert {op for op, needs in secured.items() if needs} == {
         "POST /transactions", "POST /transactions/{uuid}/process",
         "POST /transactions/{uuid}/cancel", "POST /transactions/{uuid}/requeue",
@@ -196,7 +196,7 @@ def test_openapi_lists_every_endpoint_and_the_process_codes(client):
         "/health", "/processes", "/transactions", "/transactions/{uuid}",
         "/transactions/{uuid}/process", "/transactions/{uuid}/cancel",
         "/transactions/{uuid}/requeue", "/reports/summary", "/reports/stages",
-        "/reports/errors",
+        "/reports/errors", "/purges",
     }
     process = spec["components"]["schemas"]["TransactionIn"]["properties"]["process"]
     assert process["examples"] == [P]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,8 @@ from tracking.api.schemas import (
     ProcessQueued,
     ProcessResult,
     ProcessSummary,
+    PurgeList,
+    PurgeOut,
     StageReport,
     StageStateCountOut,
     SummaryReport,
@@ -387,3 +390,20 @@ async def error_report(
         ]
         return _csv(to_csv(rows, columns), "errors")
     return ErrorReport(window=window, process=process, errors=as_dicts(rows))
+
+
+# -- retention ------------------------------------------------------------------------------
+
+
+@read_router.get("/purges", response_model=PurgeList, responses=_errors(401, 422),
+                 summary="The purge audit trail")
+def purges(
+    service: Service,
+    process: ProcessFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Any:
+    """Retention purges (`tracking purge --yes`), newest first: one row per purge run and
+    process, with what it archived and deleted (`finished_at` null: running or interrupted)."""
+    service.check_process(process)
+    return PurgeList(purges=[PurgeOut.model_validate(asdict(r))
+                             for r in service.tracker.purge_history(process, limit=limit)])

@@ -275,11 +275,39 @@ class ProcessOut(BaseModel):
     code: str
     description: str
     dedup: DedupOut
+    retention_seconds: float | None = Field(
+        default=None, description="How long finished transactions are kept (null: forever).")
     platforms: list[PlatformOut]
 
 
 class ProcessList(BaseModel):
     processes: list[ProcessOut]
+
+
+class PurgeOut(BaseModel):
+    """One row of the purge audit trail: what one purge run deleted of one process."""
+
+    id: int
+    run_id: str
+    process_code: str
+    older_than_seconds: float
+    cutoff: datetime = Field(description="Transactions finished before it were purged.")
+    started_at: datetime
+    purged_at: datetime = Field(description="When its last chunk was deleted.")
+    finished_at: datetime | None = Field(description="null: still running, or interrupted.")
+    chunks: int
+    transactions: int
+    stages: int
+    events: int
+    oldest_finished_at: datetime | None
+    newest_finished_at: datetime | None
+    archive_path: str | None
+    archive_format: str | None
+    actor: str | None
+
+
+class PurgeList(BaseModel):
+    purges: list[PurgeOut]
 
 
 class ComponentHealth(BaseModel):

@@ -9,6 +9,7 @@ Examples:
     tracking requeue --process ORDER_CANCELLATION --platform SAP --state EXHAUSTED --yes
     tracking report summary --from 2026-01-01 --to 2026-01-31 --format csv
     tracking report html --out report.html
+    tracking purge --older-than 90d        # dry run; --yes --archive purged.jsonl to purge
     tracking zombie-automation             # after `prefect deploy`: kill -9'd runs -> Crashed
 
 The commands are thin: each calls the application layer (``tracking.app.App``), as the HTTP
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tracking import __version__
-from tracking.cli import db, process, report, services, tx
+from tracking.cli import db, process, report, retention, services, tx
 from tracking.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -66,6 +67,7 @@ app.command(process.processes)
 app.command(process.intake)
 app.command(process.run)
 app.command(tx.requeue)
+app.command(retention.purge)
 app.command(services.api)
 app.command(services.serve)
 app.command(services.zombie_automation, name="zombie-automation")

@@ -11,10 +11,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from tracking.cli import render
 from tracking.cli.common import EXIT_OK, BadInput, Cli, Failed, Invocation, ShowFormat, positive
 from tracking.errors import UnknownProcessError
+from tracking.retention import format_duration
 
 
 def processes(*, format: ShowFormat = "table", cli: Cli) -> int:
-    """The processes of TRACKING_PROCESSES: platforms in order, stages, retry policies, dedup."""
+    """The processes of TRACKING_PROCESSES: platforms in order, stages, retry policies, dedup,
+    retention."""
     found = cli.processes()
     if format == "json":
         render.write_json([p.describe() for p in found])
@@ -28,7 +30,10 @@ def processes(*, format: ShowFormat = "table", cli: Cli) -> int:
             [p["order"], p["code"], ", ".join(p["stages"]), render.retry_text(p["retry"])]
             for p in d["platforms"]
         ]
-        title = f"{process.code}: {process.description or '(no description)'}  [dedup: {dedup}]"
+        keep = ("forever" if process.retention is None
+                else f"{format_duration(process.retention)} after finishing")
+        title = (f"{process.code}: {process.description or '(no description)'}  "
+                 f"[dedup: {dedup}; kept: {keep}]")
         cli.out.print(render.table(title, ["Order", "Platform", "Stages", "Retry policy"], rows))
     return EXIT_OK
 

@@ -5,6 +5,7 @@
 * ``claims``: reserving, starting, renewing and releasing work; leases of dead runs.
 * ``transitions``: attempt results and operator actions, decided by ``tracking.states``.
 * ``reads``: transactions, stages and runnable work.
+* ``retention``: purges of finished transactions (archived, deleted in chunks, audited).
 """
 
 from tracking.store.intake import Intake

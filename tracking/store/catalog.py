@@ -21,14 +21,17 @@ PLATFORMS = CatalogPlatform.__table__
 
 
 def register(engine: Engine, process: Process, now: datetime) -> None:
-    """Store ``process`` (its platforms, stages, retry policies, dedup) in the catalog."""
+    """Store ``process`` (its platforms, stages, retry policies, dedup, retention) in the
+    catalog."""
     dedup = process.dedup.describe()
+    retention = process.retention
     with engine.begin() as conn:
         stmt = insert_for(conn.dialect, PROCESSES).values(
             code=process.code,
             description=process.description,
             dedup_strategy=dedup["strategy"],
             dedup_fields=dedup["fields"],
+            retention_seconds=None if retention is None else retention.total_seconds(),
             registered_at=now,
             updated_at=now,
         )
@@ -39,6 +42,7 @@ def register(engine: Engine, process: Process, now: datetime) -> None:
                     "description": stmt.excluded.description,
                     "dedup_strategy": stmt.excluded.dedup_strategy,
                     "dedup_fields": stmt.excluded.dedup_fields,
+                    "retention_seconds": stmt.excluded.retention_seconds,
                     "updated_at": stmt.excluded.updated_at,
                 },
             )

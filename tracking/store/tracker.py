@@ -12,8 +12,8 @@ Each public method is one database transaction (or a few, each complete): the au
 the transition it records commit together or not at all. Several workers may share a
 database: ``claim`` reserves each runnable stage for one worker only, and starts and
 completions are fenced by the claim's owner. The work is done by one module per concept:
-``catalog``, ``intake``, ``claims``, ``transitions`` and ``reads``; the rules they follow are
-declared in ``tracking.states``.
+``catalog``, ``intake``, ``claims``, ``transitions``, ``reads`` and ``retention``; the rules
+they follow are declared in ``tracking.states``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tracking.catalog import Platform, Process
 from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
-from tracking.store import catalog, claims, intake, reads, transitions
+from tracking.store import catalog, claims, intake, reads, retention, transitions
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
 from tracking.store.transitions import Completion
@@ -360,6 +360,35 @@ class Tracker:
             stages, tx = lock(conn, uuid)
             transitions.requeue(conn, tx, stages, reason or "requeued", actor, self.clock())
         return self.get_transaction(uuid)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def purge_preview(self, targets: Sequence[retention.Target]) -> list[retention.PurgePreview]:
+        """What ``purge`` would delete now, per process and state (read-only)."""
+        return retention.preview(self.engine, targets)
+
+    def purge(
+        self, targets: Sequence[retention.Target], archive: retention.Sink, *,
+        chunk_size: int = retention.DEFAULT_CHUNK, actor: str | None = None,
+        archive_path: str | None = None, archive_format: str | None = None,
+        on_chunk: Callable[[str, int], None] | None = None,
+    ) -> list[retention.PurgeTotals]:
+        """Archive and delete the finished transactions each target purges (final states,
+        finished before its cutoff; never a waiting or running one), ``chunk_size`` per
+        database transaction. ``archive`` gets each chunk's records (with stages and events)
+        and must make them durable before it returns: only then is the chunk deleted, with
+        its row of the purge audit trail (``tx_purge``). A ``PurgeStopped`` says what was
+        done before an error; the chunk it hit is untouched."""
+        return retention.purge(
+            self.engine, targets, archive, clock=self.clock, chunk_size=chunk_size,
+            actor=actor, archive_path=archive_path, archive_format=archive_format,
+            on_chunk=on_chunk,
+        )
+
+    def purge_history(self, process_code: str | None = None, *, limit: int = 100
+                      ) -> list[retention.PurgeRecord]:
+        """The purge audit trail (``tx_purge``), newest first."""
+        return retention.history(self.engine, process_code, limit)
 
     # -- reading ---------------------------------------------------------------------------
 
