@@ -314,3 +314,53 @@ def test_migration_0005_down_and_up_again(tracker, items, engine):
         assert conn.execute(sa.text(
             "SELECT retention_seconds FROM tx_catalog_process")).scalars().all() == [None]
     assert tracker.get_transaction(uuid).state == TxState.COMPLETED
+
+
+KILLED_PURGE = """
+import os, signal, sys
+from datetime import datetime, timedelta
+from tracking import Tracker, connect
+from tracking.retention import Archive
+from tracking.store import retention
+from tracking.store.retention import Target
+
+url, path, cutoff = sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3])
+real, calls = retention._delete_chunk, []
+
+def crash_on_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the second chunk is archived and fsynced, not yet deleted
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+retention._delete_chunk = crash_on_second
+with Archive(path) as archive:
+    Tracker(connect(url)).purge([Target("CANCELLATION", timedelta(days=90), cutoff)], archive,
+                                chunk_size=3)
+"""
+
+
+def test_a_purge_killed_mid_chunk_loses_nothing_and_a_rerun_duplicates_nothing(
+        tracker, scene, engine, db_url, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "archive.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_PURGE, db_url, str(path),
+         scene["target"].cutoff.isoformat()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == -9, done.stderr
+    in_archive, in_db = [r["uuid"] for r in read_archive(path)], uuids_in_db(engine)
+    assert len(in_archive) == 6 and len(set(scene["old"]) & in_db) == 4
+    assert set(scene["old"]) - in_db <= set(in_archive)
+    assert set(scene["old"]) - set(in_archive) <= in_db
+    assert count(engine, "tx_purging") == 0  # rolled back with the killed chunk
+    with Archive(path) as archive:
+        assert tracker.purge([scene["target"]], archive, chunk_size=3)[0].transactions == 4
+    records = list(read_archive(path))
+    assert sorted(r["uuid"] for r in records) == sorted(scene["old"])
+    assert {r["uuid"]: archived(r) for r in records} == {
+        u: scene["before"][u] for u in scene["old"]}
+    assert uuids_in_db(engine) == set(scene["waiting"] + scene["newer"])
