@@ -35,6 +35,7 @@ from tracking.models import TxProcess, utcnow
 from tracking.payloads import MAX_SOURCE_LENGTH
 from tracking.reports import Reports
 from tracking.retention import Archive
+from tracking.schedule import check_time
 from tracking.settings import Settings, use_database
 from tracking.store import Tracker
 from tracking.store.retention import (
@@ -184,6 +185,17 @@ class App:
         """Requeue each stopped transaction; one result per distinct uuid, in order."""
         tracker = self.operator()
         return _each(uuids, lambda u: tracker.requeue(u, reason=reason, actor=actor))
+
+    def defer_many(self, uuids: Iterable[str], *, until: datetime | str, reason: str,
+                   actor: str) -> list[ActionResult]:
+        """Defer each waiting transaction until ``until`` (an aware datetime, or ISO 8601
+        text where naive is UTC: ``2026-12-03T08:00Z``); one result per distinct uuid, in
+        order. A bad or past ``until`` is a ``ValueError`` before anything changes."""
+        tracker = self.operator()
+        at = check_time(until, "until")
+        if at is None or at <= tracker.clock():
+            raise ValueError(f"until must be in the future, got {until!r}")
+        return _each(uuids, lambda u: tracker.defer(u, until=at, reason=reason, actor=actor))
 
     # -- retention -------------------------------------------------------------------------
 

@@ -142,6 +142,10 @@ class Process:
         retention: how long its finished transactions are kept (``tracking purge`` without
             ``--older-than`` archives and deletes those finished longer ago); ``None``
             (default) keeps them forever.
+        sla: how long an item may take from its creation (``timedelta(hours=4)``): one not
+            finished by then (or by its own earlier ``deadline``) is overdue, claimed first
+            and reported. Fixed per item at intake, so a changed SLA applies to new items;
+            ``None`` (default) is no SLA.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class Process:
         dedup: DedupStrategy | Callable[[Mapping[str, Any]], str] | None = None,
         description: str = "",
         retention: timedelta | None = None,
+        sla: timedelta | None = None,
     ) -> None:
         self.code = _check_code("process", code)
         self.dedup = as_strategy(dedup)
@@ -161,6 +166,9 @@ class Process:
             raise ValueError(f"process {code!r}: retention must be a timedelta > 0 or None, "
                              f"got {retention!r}")
         self.retention = retention
+        if sla is not None and (not isinstance(sla, timedelta) or sla <= timedelta(0)):
+            raise ValueError(f"process {code!r}: sla must be a timedelta > 0 or None, got {sla!r}")
+        self.sla = sla
         self._platforms: dict[str, Platform] = {}
         for p in platforms:
             self.add_platform(p)
@@ -255,6 +263,7 @@ class Process:
             "retention_seconds": (
                 None if self.retention is None else self.retention.total_seconds()
             ),
+            "sla_seconds": None if self.sla is None else self.sla.total_seconds(),
             "platforms": [
                 {
                     "code": p.code,

@@ -3,6 +3,12 @@
 Used by the intake flow, the CLI's ``tracking intake`` and ``App.intake`` alike, so a file
 means the same everywhere and a big one is written a chunk per database transaction.
 
+An item is a record: a CSV row or a JSON object. Its fields ``priority``, ``not_before``
+and ``deadline`` (``tracking.schedule.RESERVED_FIELDS``) are its schedule, not part of its
+payload: ``priority,not_before,deadline,request_id`` / ``5,,2026-12-03T17:00Z,FE-1`` is the
+payload ``{"request_id": "FE-1"}`` with priority 5 and that deadline; an empty value is the
+default (priority 0, no time).
+
 Example:
     items = read_items("flows/data/cancellations.csv")
     summary = take_in(tracker, "ORDER_CANCELLATION", items, source="cancellations.csv")
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracking.schedule import Item, split_record
 from tracking.store import Tracker
 from tracking.store.intake import prepare
 
@@ -51,12 +58,15 @@ def take_in(
     on_chunk: Callable[[int], None] | None = None,
 ) -> IntakeSummary:
     """Start a transaction for each item that is not a duplicate, ``chunk_size`` items per
-    database transaction. Every item is validated first (``tracking.payloads``): one bad
-    item rejects the whole intake, naming it, before anything is written."""
+    database transaction. An item is a record (its reserved fields are its schedule, see
+    the module docstring) or a ``tracking.schedule.Item``. Every item is validated first
+    (``tracking.payloads``, ``tracking.schedule``): one bad item rejects the whole intake,
+    naming it, before anything is written."""
     chunk_size = INTAKE_CHUNK if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk size must be an int >= 1, got {chunk_size!r}")
     definition = tracker.process(process)
+    items = [item if isinstance(item, Item) else split_record(item) for item in items]
     for number, item in enumerate(items, start=1):
         try:
             prepare(definition, [item])

@@ -84,6 +84,8 @@ class EventKind(enum.StrEnum):
     RELEASED = "RELEASED"
     CANCELLED = "CANCELLED"
     REQUEUED = "REQUEUED"
+    # An operator postponed a waiting transaction's next stage (``Tracker.defer``).
+    DEFERRED = "DEFERRED"
 
 
 # The moves between these states, and the named sets of them (runnable, final, waiting,
@@ -101,6 +103,8 @@ class CatalogProcess(SQLModel, table=True):
     dedup_fields: list[str] = Field(default_factory=list, sa_type=JSONType)
     # How long finished transactions are kept (``Process(retention=...)``); NULL: forever.
     retention_seconds: float | None = None
+    # How long an item may take from creation (``Process(sla=...)``); NULL: no SLA.
+    sla_seconds: float | None = None
     registered_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -121,6 +125,8 @@ class CatalogPlatform(SQLModel, table=True):
     backoff: float = 1.0
     max_delay_seconds: float | None = None
     jitter_seconds: float = 0.0
+    # Most calls at once across workers (``Platform(concurrency=N)``); NULL: no limit.
+    concurrency: int | None = None
 
 
 class TxProcess(SQLModel, table=True):
@@ -141,6 +147,14 @@ class TxProcess(SQLModel, table=True):
             sqlite_where=sa.text("finished_at IS NOT NULL"),
             postgresql_where=sa.text("finished_at IS NOT NULL"),
         ),
+        # The overdue report and v_overdue: open transactions by when they are due.
+        sa.Index(
+            "ix_tx_process_due",
+            "due_at",
+            "process_code",
+            sqlite_where=sa.text("finished_at IS NULL AND due_at IS NOT NULL"),
+            postgresql_where=sa.text("finished_at IS NULL AND due_at IS NOT NULL"),
+        ),
     )
 
     uuid: str = Field(primary_key=True, max_length=36)
@@ -153,6 +167,13 @@ class TxProcess(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The schedule (``tracking.schedule``): claims take higher priority first; the first stage
+    # is not due before ``not_before``; ``due_at`` is the earlier of ``deadline`` and
+    # ``created_at`` + the process's SLA, fixed at intake (past it, unfinished: overdue).
+    priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    not_before: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    deadline: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    due_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     stages: list["TxStage"] = Relationship(
         sa_relationship_kwargs={"order_by": "TxStage.seq", "lazy": "raise"}
@@ -174,14 +195,17 @@ class TxStage(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("uuid", "seq", name="uq_tx_stage_seq"),
         sa.UniqueConstraint("uuid", "platform", "stage", name="uq_tx_stage_platform_stage"),
+        # ix_tx_stage_runnable (priority descending) is declared below the class.
         sa.Index(
-            "ix_tx_stage_runnable",
+            "ix_tx_stage_overdue",
             "process_code",
             "platform",
             "stage",
+            "due_at",
             "next_attempt_at",
-            sqlite_where=sa.text("next_attempt_at IS NOT NULL"),
-            postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
+            "id",
+            sqlite_where=sa.text("next_attempt_at IS NOT NULL AND due_at IS NOT NULL"),
+            postgresql_where=sa.text("next_attempt_at IS NOT NULL AND due_at IS NOT NULL"),
         ),
         sa.Index(
             "ix_tx_stage_lease",
@@ -227,10 +251,30 @@ class TxStage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Always its transaction's (set at intake), so claims order and pick by them on the
+    # stage's own indexes: higher priority first, overdue (``due_at`` passed) before all.
+    priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    due_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     transaction: Optional["TxProcess"] = Relationship(  # noqa: UP045, UP037 (SQLModel needs it)
         sa_relationship_kwargs={"lazy": "raise", "viewonly": True}
     )
+
+
+# Claims: the due stages of one platform stage, higher priority first, then oldest due (an
+# index range scan that stops after the claim's limit; see tracking/store/claims.py).
+_STAGE_COLUMNS = TxStage.__table__.c
+sa.Index(
+    "ix_tx_stage_runnable",
+    _STAGE_COLUMNS.process_code,
+    _STAGE_COLUMNS.platform,
+    _STAGE_COLUMNS.stage,
+    _STAGE_COLUMNS.priority.desc(),
+    _STAGE_COLUMNS.next_attempt_at,
+    _STAGE_COLUMNS.id,
+    sqlite_where=sa.text("next_attempt_at IS NOT NULL"),
+    postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
+)
 
 
 class TxEvent(SQLModel, table=True):

@@ -196,6 +196,27 @@ def check_requeue(uuid: str, tx_state: TxState, stages: Iterable[StageSnapshot])
     return T.IN_PROGRESS if any(s.state == S.COMPLETED for s in stages) else T.PENDING
 
 
+def check_defer(uuid: str, tx_state: TxState, stages: Iterable[StageSnapshot]) -> None:
+    """Refuse a defer (``InvalidTransition``) unless the transaction is waiting
+    (``WAITING_TX_STATES``) and none of its stages is claimed or running right now."""
+    if tx_state not in WAITING_TX_STATES:
+        raise InvalidTransition(
+            f"transaction {uuid} is {tx_state.value}: only waiting transactions "
+            f"({', '.join(in_order(WAITING_TX_STATES))}) can be deferred"
+        )
+    for s in stages:
+        if s.state == S.IN_PROGRESS:
+            doing = "running" if s.started else "claimed by a run"
+            raise InvalidTransition(f"transaction {uuid} has a stage {doing} right now: "
+                                    "defer it once that attempt is recorded")
+
+
+def deferred_until(next_attempt_at: datetime | None, until: datetime) -> datetime:
+    """When a deferred stage is due: ``until``, or its later retry time if it has one (a
+    defer postpones, it never brings an attempt forward)."""
+    return until if next_attempt_at is None else max(next_attempt_at, until)
+
+
 def released_state(had_error: bool) -> StageState:
     """Where a reservation given back goes: TERMINATED when its last attempt left a system
     error, else PENDING (never tried)."""
@@ -214,8 +235,10 @@ __all__ = [
     "StageSnapshot",
     "Transition",
     "check_cancel",
+    "check_defer",
     "check_requeue",
     "decide",
+    "deferred_until",
     "in_order",
     "released_state",
 ]

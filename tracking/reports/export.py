@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields, is_dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from tracking.models import (
@@ -27,7 +27,7 @@ def as_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date):
         return value.isoformat()
     if hasattr(value, "value") and isinstance(value, str):
         return value.value

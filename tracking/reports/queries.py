@@ -26,6 +26,7 @@ from tracking.models import (
     utcnow,
 )
 from tracking.outcomes import Outcome
+from tracking.reports.deadlines import DeadlineReports
 from tracking.reports.rows import (
     AgingItem,
     AttemptCount,
@@ -50,8 +51,9 @@ CATALOG_PLATFORM = CatalogPlatform.__table__
 
 
 
-class Reports:
-    """Read-only reports over transactions, stages and events."""
+class Reports(DeadlineReports):
+    """Read-only reports over transactions, stages and events (``overdue`` and ``sla``:
+    ``tracking.reports.deadlines``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 from tracking.models import (
     StageState,
@@ -120,3 +120,44 @@ class RequeueCandidate:
     error_code: int | None
     error_description: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class OverdueItem:
+    """A waiting transaction past its due time (the earlier of its deadline and its SLA),
+    with the stage it waits at."""
+
+    uuid: str
+    process: str
+    business_key: str
+    state: TxState
+    priority: int
+    deadline: datetime | None
+    due_at: datetime
+    platform: str
+    stage: str
+    stage_state: StageState
+    attempts: int
+    next_attempt_at: datetime | None
+    error_code: int | None
+    error_description: str | None
+    created_at: datetime
+    overdue_seconds: float
+
+
+@dataclass(frozen=True)
+class SlaDay:
+    """The transactions of a process created on one UTC day that had a due time: how many
+    finished within it, late, and how many are still open (and of those, overdue).
+    ``attainment`` is ``within_sla / finished`` (None when none finished)."""
+
+    process: str
+    day: date
+    sla_seconds: float | None
+    transactions: int
+    finished: int
+    within_sla: int
+    late: int
+    open: int
+    overdue: int
+    attainment: float | None

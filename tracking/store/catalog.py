@@ -21,8 +21,8 @@ PLATFORMS = CatalogPlatform.__table__
 
 
 def register(engine: Engine, process: Process, now: datetime) -> None:
-    """Store ``process`` (its platforms, stages, retry policies, dedup, retention) in the
-    catalog."""
+    """Store ``process`` (its platforms, stages, retry policies, session limits, dedup,
+    retention, SLA) in the catalog."""
     dedup = process.dedup.describe()
     retention = process.retention
     with engine.begin() as conn:
@@ -32,6 +32,7 @@ def register(engine: Engine, process: Process, now: datetime) -> None:
             dedup_strategy=dedup["strategy"],
             dedup_fields=dedup["fields"],
             retention_seconds=None if retention is None else retention.total_seconds(),
+            sla_seconds=None if process.sla is None else process.sla.total_seconds(),
             registered_at=now,
             updated_at=now,
         )
@@ -43,6 +44,7 @@ def register(engine: Engine, process: Process, now: datetime) -> None:
                     "dedup_strategy": stmt.excluded.dedup_strategy,
                     "dedup_fields": stmt.excluded.dedup_fields,
                     "retention_seconds": stmt.excluded.retention_seconds,
+                    "sla_seconds": stmt.excluded.sla_seconds,
                     "updated_at": stmt.excluded.updated_at,
                 },
             )
@@ -61,6 +63,7 @@ def register(engine: Engine, process: Process, now: datetime) -> None:
                     "backoff": p.retry.backoff,
                     "max_delay_seconds": p.retry.max_delay,
                     "jitter_seconds": p.retry.jitter,
+                    "concurrency": p.concurrency,
                 }
                 for p in process.platforms
             ],

@@ -11,8 +11,11 @@ An attempt counts when it starts, not when it is reserved::
     recover     an expired reservation is released; an expired started attempt is lost
                 (a LEASE_EXPIRED system error, see ``transitions.record_lost_attempt``)
 
-Finding work is one statement on ``ix_tx_stage_runnable`` (PostgreSQL ``FOR UPDATE SKIP
-LOCKED``; SQLite serialises writers with ``BEGIN IMMEDIATE``).
+Finding work is an indexed statement whose cost follows the claim's limit, not the table
+(PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite serialises writers with ``BEGIN IMMEDIATE``):
+first the *overdue* due stages (their transaction's ``due_at`` passed), earliest due time
+first, on ``ix_tx_stage_overdue``; then, if the limit is not reached, the due stages in the
+normal order on ``ix_tx_stage_runnable``: higher priority first, then oldest due.
 """
 
 from __future__ import annotations
@@ -57,9 +60,14 @@ _TX_STARTED = sa.update(TX).where(
 )
 
 
+#: The claim order of due stages (``ix_tx_stage_runnable``'s order).
+CLAIM_ORDER = (STAGE.c.priority.desc(), STAGE.c.next_attempt_at, STAGE.c.id)
+
+
 def runnable(process_code: str, platform: str, stage: str, now: datetime) -> sa.Select[Any]:
-    """Ids of the due stages of one platform stage, oldest due first (an index range scan
-    on ix_tx_stage_runnable that stops after the caller's limit)."""
+    """Ids of the due stages of one platform stage, higher priority first, then oldest due
+    (an index scan of ix_tx_stage_runnable in its order that stops after the caller's
+    limit)."""
     return (
         sa.select(STAGE.c.id)
         .where(
@@ -69,15 +77,34 @@ def runnable(process_code: str, platform: str, stage: str, now: datetime) -> sa.
             STAGE.c.next_attempt_at.is_not(None),
             STAGE.c.next_attempt_at <= now,
         )
-        .order_by(STAGE.c.next_attempt_at, STAGE.c.id)
+        .order_by(*CLAIM_ORDER)
+    )
+
+
+def overdue(process_code: str, platform: str, stage: str, now: datetime) -> sa.Select[Any]:
+    """Ids of the due stages of one platform stage whose transaction is overdue, earliest
+    ``due_at`` first (a range scan of ix_tx_stage_overdue: it reads overdue stages only)."""
+    return (
+        sa.select(STAGE.c.id)
+        .where(
+            STAGE.c.process_code == process_code,
+            STAGE.c.platform == platform,
+            STAGE.c.stage == stage,
+            STAGE.c.due_at.is_not(None),
+            STAGE.c.due_at <= now,
+            STAGE.c.next_attempt_at.is_not(None),
+            STAGE.c.next_attempt_at <= now,
+        )
+        .order_by(STAGE.c.due_at, STAGE.c.next_attempt_at, STAGE.c.id)
     )
 
 
 def claimable(process_code: str, platform: str, stage: str, owner: str, now: datetime,
-              uuid: str | None, limit: int) -> sa.Select[Any]:
-    """What ``claim`` may take: due, and not last tried by ``owner`` (an owner stands for one
-    run, so a failing stage is retried by a later run, never in a tight loop)."""
-    query = runnable(process_code, platform, stage, now).where(
+              uuid: str | None, limit: int, *, overdue_only: bool = False) -> sa.Select[Any]:
+    """What ``claim`` may take (only the overdue, with ``overdue_only``): due, and not last
+    tried by ``owner`` (an owner stands for one run, so a failing stage is retried by a
+    later run, never in a tight loop)."""
+    query = (overdue if overdue_only else runnable)(process_code, platform, stage, now).where(
         sa.or_(STAGE.c.lease_owner.is_(None), STAGE.c.lease_owner != owner)
     )
     if uuid is not None:
@@ -98,41 +125,46 @@ def one_open_stage(uuid: str, platform: str, stage: str) -> sa.Select[Any]:
 
 def claim_where(
     engine: Engine,
-    candidates: sa.Select[Any],
+    candidates: sa.Select[Any] | Sequence[sa.Select[Any]],
     owner: str,
     lease_seconds: float,
     now: datetime,
     release_first: list[Any] | None = None,
+    limit: int | None = None,
 ) -> list[TxStage]:
     """Reserve the ``candidates`` for ``owner``, with their transactions loaded; expired
-    reservations matching ``release_first`` are given back first, in the same transaction."""
-    if engine.dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    claim = (
-        sa.update(STAGE)
-        .where(STAGE.c.id.in_(candidates.scalar_subquery()))
-        .where(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)))
-        .values(
-            state=StageState.IN_PROGRESS,
-            next_attempt_at=None,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=None,
-            updated_at=now,
-        )
-        .returning(*STAGE.c)
-    )
+    reservations matching ``release_first`` are given back first, in the same transaction.
+    A list of candidate queries (the overdue, then the rest) is claimed in turn until
+    ``limit`` stages are reserved, and comes back in that order (by priority within each)."""
+    queries = [candidates] if isinstance(candidates, sa.Select) else list(candidates)
+    rows: list[Any] = []
     with engine.begin() as conn:
         if release_first is not None:
             release_in(conn, release_first, EXPIRED_RESERVATION, now, skip_locked=True)
-        rows = conn.execute(claim).all()
+        for query in queries:
+            if limit is not None and len(rows) >= limit:
+                break
+            if limit is not None:
+                query = query.limit(limit - len(rows))
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            claim = (
+                sa.update(STAGE)
+                .where(STAGE.c.id.in_(query.scalar_subquery()))
+                .where(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)))
+                .values(state=StageState.IN_PROGRESS, next_attempt_at=None, lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        started_at=None, updated_at=now)
+                .returning(*STAGE.c)
+            )
+            rows += sorted(conn.execute(claim).all(), key=lambda r: (-r.priority, r.id))
         if not rows:
             return []
         uuids = [r.uuid for r in rows]
         txs = {r.uuid: r for r in conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids)))}
     sa.orm.configure_mappers()  # the relationship below needs the mappers set up (once)
     stages = []
-    for row in sorted(rows, key=lambda r: r.id):
+    for row in rows:
         # The rows come from the database: built without validation (10x faster; a claim
         # of 500 spent most of its time validating), the transaction set on the instance.
         s = TxStage.model_construct(**row._mapping)

@@ -1,7 +1,9 @@
 """Intake: each item becomes a transaction with all its stages, unless it is a duplicate.
 
 One database transaction per batch; ``UNIQUE(process_code, fingerprint)`` with ``ON CONFLICT
-DO NOTHING`` makes concurrent submissions of the same item create one transaction.
+DO NOTHING`` makes concurrent submissions of the same item create one transaction. An item
+is a payload, or a ``tracking.schedule.Item`` (a payload with its priority, not_before and
+deadline); the schedule is written on the transaction and on each of its stages.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from tracking.catalog import Process
 from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
+from tracking.schedule import Item, Schedule
 from tracking.store.sql import CHUNK, INSERT_EVENT, STAGE, TX, insert_for, policy_columns
 
 _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
@@ -26,7 +29,8 @@ _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
 )
 _INSERT_STAGES = sa.insert(STAGE)
 _TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
-               "state", "created_at", "updated_at")
+               "state", "created_at", "updated_at", "priority", "not_before", "deadline",
+               "due_at")
 # SQLAlchemy never caches a compiled ON CONFLICT insert; for the one-item path
 # (start_or_resume) the same SQL as text is compiled once and reused.
 _INSERT_ONE_TRANSACTION = (
@@ -49,17 +53,21 @@ class Intake:
 
 
 def prepare(
-    process: Process, payloads: Sequence[Mapping[str, Any]]
-) -> list[tuple[dict[str, Any], str, str]]:
-    """Each payload validated, with its fingerprint and business key; one bad payload
-    rejects the batch with an error naming its index."""
+    process: Process, payloads: Sequence[Mapping[str, Any] | Item],
+    default: Schedule = Schedule(),
+) -> list[tuple[dict[str, Any], str, str, Schedule]]:
+    """Each payload validated, with its fingerprint, business key and schedule (an
+    ``Item``'s own, else ``default``); one bad item rejects the batch with an error naming
+    its index."""
     prepared = []
     for index, payload in enumerate(payloads):
         try:
+            schedule = default
+            if isinstance(payload, Item):
+                payload, schedule = payload.payload, payload.schedule()
             clean = validate_payload(payload)
-            prepared.append(
-                (clean, process.dedup.fingerprint(clean), process.dedup.business_key(clean))
-            )
+            prepared.append((clean, process.dedup.fingerprint(clean),
+                             process.dedup.business_key(clean), schedule))
         except ValueError as exc:
             prefix = f"payload #{index}: " if len(payloads) > 1 else ""
             raise ValueError(f"{prefix}{exc}") from None
@@ -69,17 +77,19 @@ def prepare(
 def start_many(
     engine: Engine,
     process: Process,
-    payloads: Sequence[Mapping[str, Any]],
+    payloads: Sequence[Mapping[str, Any] | Item],
     source: str | None,
     now: datetime,
+    default: Schedule = Schedule(),
 ) -> list[Intake]:
     """Create the transactions of ``payloads`` that do not exist yet (see ``Tracker``)."""
     source = validate_source(source)
-    prepared = prepare(process, payloads)
+    prepared = prepare(process, payloads, default)
     if not prepared:
         return []
     new_rows: dict[str, dict[str, Any]] = {}
-    for payload, fp, key in prepared:
+    starts: dict[str, datetime] = {}  # by uuid: when the first stage is due
+    for payload, fp, key, schedule in prepared:
         if fp not in new_rows:
             new_rows[fp] = {
                 "uuid": str(uuid_lib.uuid4()),
@@ -91,7 +101,12 @@ def start_many(
                 "state": TxState.PENDING,
                 "created_at": now,
                 "updated_at": now,
+                "priority": schedule.priority,
+                "not_before": schedule.not_before,
+                "deadline": schedule.deadline,
+                "due_at": schedule.due_at(now, process.sla),
             }
+            starts[new_rows[fp]["uuid"]] = schedule.start_at(now)
     with engine.begin() as conn:
         rows = list(new_rows.values())
         if len(rows) == 1:
@@ -106,9 +121,9 @@ def start_many(
         existing = _uuids_by_fingerprint(conn, process.code, duplicates)
         if created:
             txs = [row for fp, row in new_rows.items() if fp in created]
-            _insert_stages(conn, process, txs, now)
+            _insert_stages(conn, process, txs, starts, now)
     results = []
-    for _, fp, _ in prepared:
+    for _, fp, _, _ in prepared:
         if fp in created:
             results.append(Intake(new_rows[fp]["uuid"], True))
             created.discard(fp)  # a repeat of the item later in the batch is a duplicate
@@ -129,7 +144,8 @@ def _uuids_by_fingerprint(
 
 
 def _insert_stages(
-    conn: Connection, process: Process, txs: list[dict[str, Any]], now: datetime
+    conn: Connection, process: Process, txs: list[dict[str, Any]], starts: dict[str, datetime],
+    now: datetime,
 ) -> None:
     plan = []
     for planned in process.stage_plan():
@@ -145,13 +161,18 @@ def _insert_stages(
                 "attempt": 0,
                 "attempts_allowed": policy.max_attempts,
                 **policy_columns(policy),
-                # Only the first stage is reachable; the others wait for it.
-                "next_attempt_at": now if planned.seq == 1 else None,
+                "next_attempt_at": None,
                 "created_at": now,
                 "updated_at": now,
             }
         )
-    stage_rows = [{"uuid": tx["uuid"], **stage} for tx in txs for stage in plan]
+    # Only the first stage is reachable (not before ``not_before``); the others wait for it.
+    # Every stage carries its transaction's priority and due time (claims read them there).
+    stage_rows = [
+        {**stage, "uuid": tx["uuid"], "priority": tx["priority"], "due_at": tx["due_at"],
+         "next_attempt_at": starts[tx["uuid"]] if stage["seq"] == 1 else None}
+        for tx in txs for stage in plan
+    ]
     event_rows = [
         {
             "uuid": tx["uuid"],

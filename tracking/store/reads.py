@@ -71,7 +71,8 @@ def get_pending_stages(engine: Engine, query: sa.Select[Any]) -> list[TxStage]:
     rows = (
         select(TxStage)
         .join(ids, TxStage.id == ids.c.id)  # type: ignore[arg-type]
-        .order_by(TxStage.next_attempt_at, TxStage.id)  # type: ignore[arg-type]
+        .order_by(TxStage.priority.desc(), TxStage.next_attempt_at,  # type: ignore[attr-defined]
+                  TxStage.id)
     )
     with read_only(engine) as conn, Session(bind=conn) as session:
         return list(session.exec(rows).all())

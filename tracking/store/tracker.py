@@ -29,6 +29,7 @@ from tracking.catalog import Platform, Process
 from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
+from tracking.schedule import Item, Schedule, check_time
 from tracking.store import catalog, claims, intake, reads, retention, transitions
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
@@ -93,27 +94,35 @@ class Tracker:
     # -- intake ----------------------------------------------------------------------------
 
     def start_or_resume(
-        self, process_code: str, payload: Mapping[str, Any], *, source: str | None = None
+        self, process_code: str, payload: Mapping[str, Any], *, source: str | None = None,
+        priority: int = 0, not_before: datetime | None = None, deadline: datetime | None = None,
     ) -> tuple[str, bool]:
         """Create the transaction for ``payload`` with all its stages, unless it exists.
 
         Returns ``(uuid, is_new)``; a duplicate (same dedup fingerprint) returns the existing
-        transaction's uuid with ``is_new=False`` and changes nothing.
+        transaction's uuid with ``is_new=False`` and changes nothing (its schedule included).
+        ``priority`` (higher is claimed first), ``not_before`` (its first stage is not due
+        before) and ``deadline`` (with the process's SLA: when it is overdue) are its
+        schedule, kept beside the payload (``tracking.schedule``; aware datetimes).
         """
-        (result,) = self.start_many(process_code, [payload], source=source)
+        (result,) = self.start_many(process_code, [payload], source=source, priority=priority,
+                                    not_before=not_before, deadline=deadline)
         return result.uuid, result.is_new
 
     def start_many(
-        self, process_code: str, payloads: Sequence[Mapping[str, Any]], *,
-        source: str | None = None,
+        self, process_code: str, payloads: Sequence[Mapping[str, Any] | Item], *,
+        source: str | None = None, priority: int = 0, not_before: datetime | None = None,
+        deadline: datetime | None = None,
     ) -> list[Intake]:
         """Bulk ``start_or_resume``: one database transaction for the whole batch.
 
         Every payload is validated (``tracking.payloads``) before anything is written; one
-        bad payload rejects the batch with an error naming its index.
+        bad payload rejects the batch with an error naming its index. An ``Item`` carries its
+        own schedule; plain payloads get ``priority``, ``not_before`` and ``deadline``.
         """
         process = self.process(process_code)
-        return intake.start_many(self.engine, process, payloads, source, self.clock())
+        default = Schedule.of(priority, not_before, deadline)
+        return intake.start_many(self.engine, process, payloads, source, self.clock(), default)
 
     # -- finding and claiming work ---------------------------------------------------------
 
@@ -121,7 +130,8 @@ class Tracker:
         self, process_code: str, platform: str, stage: str | None = None, *,
         limit: int | None = None,
     ) -> list[TxStage]:
-        """Runnable stages of one platform stage, oldest due first (read-only, one query)."""
+        """Runnable stages of one platform stage, higher priority first, then oldest due
+        (read-only, one query)."""
         _, p, stage = self._platform_stage(process_code, platform, stage)
         query = claims.runnable(process_code, p.code, stage, self.clock())
         if limit is not None:
@@ -132,7 +142,8 @@ class Tracker:
         self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
         limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
     ) -> list[TxStage]:
-        """Reserve up to ``limit`` runnable stages for ``owner``.
+        """Reserve up to ``limit`` runnable stages for ``owner``: overdue ones first (their
+        ``due_at`` passed, earliest first), then higher priority first, then oldest due.
 
         The claimed stages are IN_PROGRESS (reserved), their ``transaction`` (payload,
         business key) loaded; their attempt counter is unchanged until ``start_attempt``
@@ -153,9 +164,14 @@ class Tracker:
         claims.recover_lost_attempts(self.engine, process_code, [p.code], 1000, self.clock,
                                      self.rng)
         now = self.clock()
-        candidates = claims.claimable(process_code, p.code, stage, owner, now, uuid, limit)
+        candidates = [
+            claims.claimable(process_code, p.code, stage, owner, now, uuid, limit,
+                             overdue_only=True),
+            claims.claimable(process_code, p.code, stage, owner, now, uuid, limit),
+        ]
         expired = claims.expired_leases(process_code, [p.code], now)
-        return claims.claim_where(self.engine, candidates, owner, lease_seconds, now, expired)
+        return claims.claim_where(self.engine, candidates, owner, lease_seconds, now, expired,
+                                  limit)
 
     def claim_stage(
         self, uuid: str, platform: str, stage: str | None = None, *, owner: str,
@@ -359,6 +375,23 @@ class Tracker:
         with self.engine.begin() as conn:
             stages, tx = lock(conn, uuid)
             transitions.requeue(conn, tx, stages, reason or "requeued", actor, self.clock())
+        return self.get_transaction(uuid)
+
+    def defer(self, uuid: str, *, until: datetime | str, reason: str | None = None,
+              actor: str | None = None) -> TxProcess:
+        """Postpone a waiting transaction: its next stage is not due before ``until`` (an
+        aware datetime, or ISO 8601 text where naive is UTC), a DEFERRED event records it.
+
+        Only waiting transactions (``states.WAITING_TX_STATES``) with no stage claimed or
+        running right now (``InvalidTransition`` otherwise); ``until`` must be in the future.
+        A later retry time already set is kept (the stage waits for the later of the two).
+        """
+        at, now = check_time(until, "until"), self.clock()
+        if at is None or at <= now:
+            raise ValueError(f"until must be in the future, got {until!r}")
+        with self.engine.begin() as conn:
+            stages, tx = lock(conn, uuid)
+            transitions.defer(conn, tx, stages, at, reason or "deferred", actor, now)
         return self.get_transaction(uuid)
 
     # -- retention -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Transitions: recording an attempt's result, a lost attempt, and the operator's cancel and
-requeue. Each is one database transaction on locked rows, decided by ``tracking.states``.
+"""Transitions: recording an attempt's result, a lost attempt, and the operator's cancel,
+requeue and defer. Each is one database transaction on locked rows, decided by
+``tracking.states``.
 
 Nothing here needs the in-memory process definition: a stage carries the retry policy it runs
 under, and requeue takes the platform's current policy from the catalog in the database.
@@ -26,8 +27,10 @@ from tracking.states import (
     StageFacts,
     StageSnapshot,
     check_cancel,
+    check_defer,
     check_requeue,
     decide,
+    deferred_until,
 )
 from tracking.store.catalog import current_policies
 from tracking.store.sql import (
@@ -37,6 +40,7 @@ from tracking.store.sql import (
     STAGE,
     TX,
     UPDATE_STAGE,
+    UPDATE_TX,
     label,
     operator_event,
     policy_columns,
@@ -269,6 +273,28 @@ def requeue(
         first = False
     set_tx_state(conn, tx, to_state, now)
     operator_event(conn, tx, EventKind.REQUEUED, reason, actor, now, to_state)
+
+
+def defer(conn: Connection, tx: Row[Any], stages: list[Row[Any]], until: datetime,
+          reason: str, actor: str | None, now: datetime) -> None:
+    """Postpone a locked, waiting transaction: the stage that runs next is not due before
+    ``until`` (``states.deferred_until``); ``not_before`` records it, a DEFERRED event too."""
+    check_defer(tx.uuid, TxState(tx.state),
+                [StageSnapshot(StageState(s.state), s.started_at is not None) for s in stages])
+    row = next((s for s in stages if s.next_attempt_at is not None), None)
+    if row is None:
+        raise InvalidTransition(f"transaction {tx.uuid} has no stage waiting to run")
+    at = deferred_until(row.next_attempt_at, until)
+    conn.execute(UPDATE_STAGE, {"b_id": row.id, "next_attempt_at": at, "updated_at": now})
+    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, "not_before": until, "updated_at": now})
+    state = TxState(tx.state)
+    conn.execute(INSERT_EVENT, {
+        "uuid": tx.uuid, "process_code": tx.process_code, "kind": EventKind.DEFERRED,
+        "platform": row.platform, "stage": row.stage, "attempt": row.attempt,
+        "description": f"deferred until {at.isoformat()}: {reason}",
+        "from_state": state.value, "to_state": state.value, "tx_state": state, "actor": actor,
+        "created_at": now,
+    })
 
 
 # -- many at once ------------------------------------------------------------------------
