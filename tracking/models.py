@@ -6,6 +6,8 @@
 * ``CatalogProcess`` / ``CatalogPlatform``: the registered process definitions, so that SQL
   reports and the API see the catalog.
 * ``TxPurge``: the audit trail of retention purges (``TxPurging``: what one is deleting now).
+* ``TxEventCursor`` / ``TxOverdueSent``: how far the business outcomes of the audit trail were
+  sent as events, and which overdue transactions were (``tracking.store.outbox``).
 
 Every timestamp is a timezone-aware UTC datetime (``UTCDateTime`` stores naive UTC on
 SQLite and ``timestamptz`` on PostgreSQL).
@@ -354,3 +356,32 @@ class TxPurging(SQLModel, table=True):
 
     uuid: str = Field(primary_key=True, max_length=36)
     purge_id: int
+
+
+class TxEventCursor(SQLModel, table=True):
+    """How far an emitter has read the audit trail (``tracking.store.outbox``): the business
+    outcomes of the events up to ``last_event_id`` are sent. ``owner`` holds the cursor while
+    one emitter sends (until ``lease_expires_at``), so two emitters never send a batch twice.
+    """
+
+    __tablename__ = "tx_event_cursor"
+
+    name: str = Field(primary_key=True, max_length=64)
+    last_event_id: int = 0
+    owner: str | None = Field(default=None, max_length=100)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    sent: int = 0
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TxOverdueSent(SQLModel, table=True):
+    """The transactions whose going overdue was sent as an event (``tracking.store.outbox``),
+    with the due time it was sent for: one event per transaction and due time. Deleted with
+    its transaction."""
+
+    __tablename__ = "tx_overdue_sent"
+
+    uuid: str = Field(primary_key=True, max_length=36, foreign_key="tx_process.uuid",
+                      ondelete="CASCADE")
+    due_at: datetime = Field(sa_type=UTCDateTime)
+    sent_at: datetime = Field(sa_type=UTCDateTime)

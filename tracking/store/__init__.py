@@ -6,6 +6,8 @@
 * ``transitions``: attempt results and operator actions, decided by ``tracking.states``.
 * ``reads``: transactions, stages and runnable work.
 * ``retention``: purges of finished transactions (archived, deleted in chunks, audited).
+* ``outbox``: business outcomes read from the audit trail past a cursor, for a sender
+  (``tracking.prefect_events``); ``horizon``: how far the audit trail is settled.
 """
 
 from tracking.store.intake import Intake
