@@ -137,10 +137,11 @@ def test_openapi_declares_the_api_key_header_scheme_on_the_writes(make_client):
     scheme = spec["components"]["securitySchemes"]["ApiKey"]
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
     secured = _secured(spec)
-    assert len(secured) == 12
+    assert len(secured) == 15
     assert {op for op, needs in secured.items() if needs} == {
         "POST /transactions", "POST /transactions/{uuid}/process",
         "POST /transactions/{uuid}/cancel", "POST /transactions/{uuid}/requeue",
+        "POST /transactions/{uuid}/defer",
     }
 
     spec = make_client(api_key="s3cret", api_key_for_reads=True).get("/openapi.json").json()
@@ -195,8 +196,8 @@ def test_openapi_lists_every_endpoint_and_the_process_codes(client):
     assert set(spec["paths"]) == {
         "/health", "/processes", "/transactions", "/transactions/{uuid}",
         "/transactions/{uuid}/process", "/transactions/{uuid}/cancel",
-        "/transactions/{uuid}/requeue", "/reports/summary", "/reports/stages",
-        "/reports/errors", "/purges",
+        "/transactions/{uuid}/requeue", "/transactions/{uuid}/defer", "/reports/summary",
+        "/reports/stages", "/reports/errors", "/reports/overdue", "/reports/sla", "/purges",
     }
     process = spec["components"]["schemas"]["TransactionIn"]["properties"]["process"]
     assert process["examples"] == [P]

@@ -30,6 +30,7 @@ from tracking.api.dashboard import install_dashboard
 from tracking.api.errors import ApiError, install_handlers
 from tracking.api.logs import configure_logging
 from tracking.api.middleware import RequestMiddleware
+from tracking.api.reports import report_router
 from tracking.api.routes import open_router, read_router, write_router
 from tracking.api.security import ApiKey, settings_of
 from tracking.api.service import (
@@ -155,6 +156,7 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
     before = len(app.router.routes)
     app.include_router(open_router)
     app.include_router(read_router, dependencies=[ApiKey] if wiring[1] else None)
+    app.include_router(report_router, dependencies=[ApiKey] if wiring[1] else None)
     app.include_router(write_router, dependencies=[ApiKey] if wiring[0] else None)
     app.state.api_routes = app.router.routes[before:]
     app.state.key_wiring = wiring

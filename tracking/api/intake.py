@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from tracking.api.errors import validation_error
 from tracking.db import read_only
 from tracking.models import TxProcess
+from tracking.schedule import Item, Schedule
 from tracking.store import Intake, Tracker
 
 TX = TxProcess.__table__
@@ -38,6 +39,11 @@ class _Item:
     payload: dict[str, Any]
     source: str | None
     future: asyncio.Future[tuple[Any, bool]] = field(repr=False)
+    schedule: Schedule = field(default_factory=Schedule)
+
+    def item(self) -> Item:
+        s = self.schedule
+        return Item(self.payload, s.priority, s.not_before, s.deadline)
 
 
 class IntakeBatcher:
@@ -60,7 +66,8 @@ class IntakeBatcher:
         self._active = 0
 
     async def submit(
-        self, process: str, payload: dict[str, Any], source: str | None = None
+        self, process: str, payload: dict[str, Any], source: str | None = None,
+        schedule: Schedule | None = None,
     ) -> tuple[Any, bool]:
         """Start (or find) the transaction for ``payload``: ``(row, is_new)``.
 
@@ -73,7 +80,7 @@ class IntakeBatcher:
         except ValueError as exc:
             raise validation_error(str(exc), field="payload") from None
         loop = asyncio.get_running_loop()
-        item = _Item(process, payload, source, loop.create_future())
+        item = _Item(process, payload, source, loop.create_future(), schedule or Schedule())
         self._queue.append(item)
         if self._active < self.writers:
             self._active += 1
@@ -114,7 +121,7 @@ class IntakeBatcher:
             groups[(item.process, item.source)].append(index)
         outcomes: list[Intake | Exception] = [RuntimeError("not written")] * len(batch)
         for (process, source), indexes in groups.items():
-            payloads = [batch[i].payload for i in indexes]
+            payloads = [batch[i].item() for i in indexes]
             try:
                 written: list[Intake | Exception] = list(
                     self.tracker.start_many(process, payloads, source=source)
@@ -134,9 +141,7 @@ class IntakeBatcher:
             (rows[o.uuid], o.is_new) if isinstance(o, Intake) else o for o in outcomes
         ]
 
-    def _write_one(
-        self, process: str, payload: dict[str, Any], source: str | None
-    ) -> Intake | Exception:
+    def _write_one(self, process: str, payload: Item, source: str | None) -> Intake | Exception:
         try:
             return self.tracker.start_many(process, [payload], source=source)[0]
         except ValueError as exc:

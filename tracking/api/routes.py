@@ -2,16 +2,14 @@
 
 Blocking database work runs in worker threads (plain ``def`` endpoints, or
 ``run_in_threadpool``); ``POST /transactions`` goes through the intake batcher (group
-commit), the reports through the coalescer (one query for identical concurrent requests).
+commit). The ``/reports/*`` endpoints are in ``tracking.api.reports``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -22,32 +20,25 @@ from fastapi.responses import JSONResponse
 from tracking.api.errors import ApiError, error_response, validation_error
 from tracking.api.schemas import (
     ComponentHealth,
+    DeferAction,
     ErrorEnvelope,
-    ErrorReport,
     Health,
     OperatorAction,
-    PlatformStateCountOut,
     ProcessList,
     ProcessOut,
     ProcessQueued,
     ProcessResult,
-    ProcessSummary,
     PurgeList,
     PurgeOut,
-    StageReport,
-    StageStateCountOut,
-    SummaryReport,
     TransactionDetail,
     TransactionIn,
     TransactionOut,
     TransactionPage,
-    Window,
     check_text,
     to_utc,
 )
 from tracking.api.service import ApiService, log_transition
 from tracking.models import TxState
-from tracking.reports import as_dicts, to_csv
 
 # Three routers, for the API key (see security.py): create_app puts the key check on the
 # writes when a key is set, on the reads when TRACKING_API_KEY_FOR_READS is true too.
@@ -74,37 +65,6 @@ Uuid = Annotated[str, "transaction uuid"]
 ProcessFilter = Annotated[
     str | None, Query(max_length=64, description="A process code (see GET /processes).")
 ]
-From = Annotated[
-    datetime | None,
-    Query(alias="from", description="ISO 8601 (naive: UTC); default: 7 days before `to`."),
-]
-To = Annotated[
-    datetime | None,
-    Query(alias="to", description="ISO 8601 (naive: UTC), exclusive; default: now (inclusive)."),
-]
-Format = Annotated[
-    Literal["json", "csv"] | None,
-    Query(description="csv for CSV (or send Accept: text/csv)."),
-]
-CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/csv": {"schema": {"type": "string"}}}}
-}
-
-
-def _wants_csv(request: Request, fmt: str | None) -> bool:
-    if fmt is not None:
-        return fmt == "csv"
-    return "text/csv" in request.headers.get("accept", "")
-
-
-def _csv(text: str, name: str) -> Response:
-    return Response(
-        text,
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-    )
-
-
 # -- health and catalog ---------------------------------------------------------------------
 
 
@@ -153,8 +113,10 @@ def processes(service: Service) -> Any:
 )
 async def create_transaction(body: TransactionIn, service: Service) -> Any:
     """Validated against the catalog and deduplicated: `201` with the new transaction, `200`
-    with the existing one when the payload is a duplicate (same dedup fingerprint)."""
-    row, is_new = await service.intake.submit(body.process, body.payload, body.source)
+    with the existing one when the payload is a duplicate (same dedup fingerprint; its
+    schedule is kept). `priority`, `not_before` and `deadline` travel next to the payload."""
+    row, is_new = await service.intake.submit(body.process, body.payload, body.source,
+                                              body.schedule())
     if is_new:
         log_transition(row.uuid, None, TxState(row.state), "create")
     # Serialised here, once: the hot path skips FastAPI's re-validation of the model.
@@ -261,135 +223,18 @@ def requeue_transaction(
     return service.requeue(uuid, body.reason, body.actor)
 
 
-# -- reports --------------------------------------------------------------------------------
-
-
-async def _report(
-    service: ApiService,
-    name: str,
-    start: datetime | None,
-    end: datetime | None,
-    query: Callable[[datetime, datetime], list[Any]],
-    *key: Any,
-) -> tuple[Window, list[Any]]:
-    """Run a report query over the window, shared with identical concurrent requests.
-
-    The window's defaults (``to`` = now) are resolved when the query starts, so a shared
-    result is never older than the request.
-    """
-    start, end = to_utc(start, "from"), to_utc(end, "to")
-    service.window(start, end)  # validate now, before joining anything
-
-    def run() -> tuple[Window, list[Any]]:
-        s, e = service.window(start, end)
-        return Window(start=s, end=e), query(s, e)
-
-    return await service.coalescer.run((name, start, end, *key), run)
-
-
-@read_router.get(
-    "/reports/summary",
-    response_model=SummaryReport,
-    responses={**CSV_RESPONSE, **_errors(401, 422)},
-    summary="Transactions counted by state and by process",
+@write_router.post(
+    "/transactions/{uuid}/defer",
+    response_model=TransactionDetail,
+    responses=_errors(401, 404, 409, 422),
+    summary="Postpone a waiting transaction",
 )
-async def summary_report(
-    request: Request,
-    service: Service,
-    process: ProcessFilter = None,
-    state: Annotated[TxState | None, Query()] = None,
-    start: From = None,
-    end: To = None,
-    format: Format = None,
-) -> Any:
-    """Transactions created in `[from, to)`, counted by state and by process (one query)."""
-    service.check_process(process)
-    window, rows = await _report(
-        service, "summary", start, end,
-        lambda s, e: service.reports.summary_by_process_and_state(s, e, process), process,
-    )
-    if state is not None:
-        rows = [r for r in rows if r.state == state]
-    if _wants_csv(request, format):
-        return _csv(to_csv(rows, ["process", "state", "count"]), "summary")
-    by_state = {s.value: 0 for s in TxState}
-    by_process: dict[str, dict[str, int]] = {}
-    for r in rows:
-        by_state[r.state.value] += r.count
-        by_process.setdefault(r.process, {s.value: 0 for s in TxState})[r.state.value] = r.count
-    return SummaryReport(
-        window=window, process=process, state=state, total=sum(by_state.values()),
-        by_state=by_state,
-        by_process=[
-            ProcessSummary(process=p, total=sum(counts.values()), by_state=counts)
-            for p, counts in by_process.items()
-        ],
-    )
-
-
-@read_router.get(
-    "/reports/stages",
-    response_model=StageReport,
-    responses={**CSV_RESPONSE, **_errors(401, 422)},
-    summary="Stages counted by platform, stage and state",
-)
-async def stage_report(
-    request: Request,
-    service: Service,
-    process: ProcessFilter = None,
-    start: From = None,
-    end: To = None,
-    format: Format = None,
-) -> Any:
-    """Stages of the transactions created in `[from, to)`, by platform (and stage) and state."""
-    service.check_process(process)
-    window, rows = await _report(
-        service, "stages", start, end,
-        lambda s, e: service.reports.stage_summary_by_platform_and_stage(s, e, process), process,
-    )
-    if _wants_csv(request, format):
-        return _csv(to_csv(rows, ["platform", "stage", "state", "count"]), "stages")
-    by_platform: dict[tuple[str, str], int] = defaultdict(int)
-    for r in rows:
-        by_platform[(r.platform, r.state.value)] += r.count
-    return StageReport(
-        window=window, process=process,
-        by_platform=[
-            PlatformStateCountOut(platform=p, state=s, count=n)
-            for (p, s), n in by_platform.items()
-        ],
-        by_stage=[StageStateCountOut.model_validate(d) for d in as_dicts(rows)],
-    )
-
-
-@read_router.get(
-    "/reports/errors",
-    response_model=ErrorReport,
-    responses={**CSV_RESPONSE, **_errors(401, 422)},
-    summary="The most frequent error codes",
-)
-async def error_report(
-    request: Request,
-    service: Service,
-    process: ProcessFilter = None,
-    start: From = None,
-    end: To = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    format: Format = None,
-) -> Any:
-    """Error codes of the attempts made in `[from, to)`, most frequent first, with the latest
-    description and when each was last seen."""
-    service.check_process(process)
-    window, rows = await _report(
-        service, "errors", start, end,
-        lambda s, e: service.reports.top_errors(s, e, process, limit=limit), process, limit,
-    )
-    if _wants_csv(request, format):
-        columns = [
-            "process", "platform", "outcome", "error_code", "count", "last_seen", "description"
-        ]
-        return _csv(to_csv(rows, columns), "errors")
-    return ErrorReport(window=window, process=process, errors=as_dicts(rows))
+def defer_transaction(uuid: Uuid, service: Service, body: DeferAction) -> Any:
+    """Its next stage is not due before `until` (a later retry time is kept); a DEFERRED
+    event records it. For waiting transactions (PENDING, IN_PROGRESS, TERMINATED) with no
+    stage claimed or running now: `409 INVALID_TRANSITION` otherwise, `422` for an `until`
+    that is not in the future."""
+    return service.defer(uuid, body.until, body.reason, body.actor)
 
 
 # -- retention ------------------------------------------------------------------------------

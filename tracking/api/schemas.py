@@ -16,12 +16,13 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tracking.api.errors import validation_error
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.outcomes import ErrorType, Outcome
 from tracking.payloads import MAX_PAYLOAD_DEPTH, check_json_value, check_text
+from tracking.schedule import MAX_PRIORITY, MIN_PRIORITY, Schedule
 
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -45,6 +46,28 @@ def to_utc(value: datetime | None, name: str) -> datetime | None:
         return value.astimezone(UTC)
     except (OverflowError, ValueError):
         raise validation_error(f"{name} is out of range", field=name) from None
+
+
+def iso_time(value: Any, name: str) -> Any:
+    """A point in time of a request body: ISO 8601 text (not a number)."""
+    if value is None or isinstance(value, datetime | str):
+        return value
+    raise ValueError(f"{name} must be ISO 8601 text such as 2026-12-03T08:00Z, got {value!r}")
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """A parsed datetime of a request body in UTC (naive is UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        value = value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("out of range") from None
+
+
+TIME_HELP = "ISO 8601 (2026-12-03T08:00:00Z); naive values are UTC."
 
 
 def encode_cursor(created_at: datetime, uuid: str) -> str:
@@ -87,6 +110,17 @@ class TransactionIn(BaseModel):
     source: str | None = Field(
         None, max_length=100, description="Where the item comes from (free text)."
     )
+    priority: int = Field(
+        0, strict=True, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+        description="Higher is claimed first (default 0). Not part of the payload.",
+    )
+    not_before: datetime | None = Field(
+        None, description=f"Its first stage is not due before this. {TIME_HELP}"
+    )
+    deadline: datetime | None = Field(
+        None, description="It should be finished by then: with the process's SLA, the "
+        f"earlier of the two makes it overdue (claimed first, reported). {TIME_HELP}",
+    )
 
     @field_validator("payload")
     @classmethod
@@ -99,9 +133,27 @@ class TransactionIn(BaseModel):
     def _source(cls, value: str | None) -> str | None:
         return None if value is None else check_text(value, "source")
 
+    @field_validator("not_before", "deadline", mode="before")
+    @classmethod
+    def _iso(cls, value: Any, info: Any) -> Any:
+        return iso_time(value, info.field_name)
+
+    @field_validator("not_before", "deadline")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return aware(value)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TransactionIn:
+        self.schedule()  # a deadline before not_before: 422
+        return self
+
+    def schedule(self) -> Schedule:
+        return Schedule.of(self.priority, self.not_before, self.deadline)
+
 
 class OperatorAction(BaseModel):
-    """Optional body of cancel and requeue."""
+    """Optional body of cancel and requeue (and, with ``until``, of defer)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +174,22 @@ class OperatorAction(BaseModel):
         return check_text(value, "text")
 
 
+class DeferAction(OperatorAction):
+    """Body of defer: until when (reason and actor optional)."""
+
+    until: datetime = Field(description=f"Its next stage is not due before this. {TIME_HELP}")
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _iso(cls, value: Any) -> Any:
+        return iso_time(value, "until")
+
+    @field_validator("until")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime | None:
+        return aware(value)
+
+
 # -- responses ------------------------------------------------------------------------------
 
 
@@ -137,13 +205,21 @@ class TransactionOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    priority: int
+    not_before: datetime | None
+    deadline: datetime | None
+    due_at: datetime | None = Field(
+        description="When it is overdue: the earlier of its deadline and created_at + the "
+        "process's SLA (null: never)."
+    )
 
     @classmethod
     def of(cls, tx: TxProcess | Any) -> TransactionOut:
         return cls(
             uuid=tx.uuid, process=tx.process_code, state=tx.state, business_key=tx.business_key,
             source=tx.source, payload=tx.payload, created_at=tx.created_at,
-            updated_at=tx.updated_at, finished_at=tx.finished_at,
+            updated_at=tx.updated_at, finished_at=tx.finished_at, priority=tx.priority,
+            not_before=tx.not_before, deadline=tx.deadline, due_at=tx.due_at,
         )
 
 
@@ -262,6 +338,9 @@ class PlatformOut(BaseModel):
     order: int
     stages: list[str]
     retry: RetryOut
+    concurrency: int | None = Field(
+        None, description="At most this many calls at once (sessions); null: no limit."
+    )
 
 
 class DedupOut(BaseModel):
@@ -275,6 +354,9 @@ class ProcessOut(BaseModel):
     code: str
     description: str
     dedup: DedupOut
+    sla_seconds: float | None = Field(
+        default=None, description="An item not finished this long after it was created is "
+        "overdue (null: no SLA).")
     retention_seconds: float | None = Field(
         default=None, description="How long finished transactions are kept (null: forever).")
     platforms: list[PlatformOut]
@@ -322,62 +404,6 @@ class Health(BaseModel):
     version: str
     database: ComponentHealth
     prefect: ComponentHealth
-
-
-class Window(BaseModel):
-    start: datetime = Field(description="Inclusive.")
-    end: datetime = Field(description="Exclusive.")
-
-
-class ProcessSummary(BaseModel):
-    process: str
-    total: int
-    by_state: dict[str, int]
-
-
-class SummaryReport(BaseModel):
-    window: Window
-    process: str | None
-    state: TxState | None
-    total: int
-    by_state: dict[str, int]
-    by_process: list[ProcessSummary]
-
-
-class PlatformStateCountOut(BaseModel):
-    platform: str
-    state: StageState
-    count: int
-
-
-class StageStateCountOut(BaseModel):
-    platform: str
-    stage: str
-    state: StageState
-    count: int
-
-
-class StageReport(BaseModel):
-    window: Window
-    process: str | None
-    by_platform: list[PlatformStateCountOut]
-    by_stage: list[StageStateCountOut]
-
-
-class ErrorCountOut(BaseModel):
-    process: str
-    platform: str
-    outcome: Outcome
-    error_code: int
-    count: int
-    last_seen: datetime
-    description: str | None
-
-
-class ErrorReport(BaseModel):
-    window: Window
-    process: str | None
-    errors: list[ErrorCountOut]
 
 
 class ErrorBody(BaseModel):

@@ -301,6 +301,17 @@ class ApiService:
         return self._operate(uuid, "requeue", lambda: self.tracker.requeue(
             uuid, reason=reason or "requeued through the API", actor=actor or "api"))
 
+    def defer(self, uuid: str, until: datetime, reason: str | None, actor: str | None
+              ) -> TransactionDetail:
+        def act() -> TxProcess:
+            try:
+                return self.tracker.defer(uuid, until=until, actor=actor or "api",
+                                          reason=reason or "deferred through the API")
+            except ValueError as exc:  # until not in the future
+                raise validation_error(str(exc), field="until") from None
+
+        return self._operate(uuid, "defer", act)
+
     def _operate(self, uuid: str, action: str, act: Callable[[], TxProcess]) -> TransactionDetail:
         """An operator action on one transaction, with its state change logged."""
         before = self._state(uuid)

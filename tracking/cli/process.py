@@ -15,8 +15,8 @@ from tracking.retention import format_duration
 
 
 def processes(*, format: ShowFormat = "table", cli: Cli) -> int:
-    """The processes of TRACKING_PROCESSES: platforms in order, stages, retry policies, dedup,
-    retention."""
+    """The processes of TRACKING_PROCESSES: platforms in order, stages, retry policies, session
+    limits, dedup, SLA, retention."""
     found = cli.processes()
     if format == "json":
         render.write_json([p.describe() for p in found])
@@ -27,14 +27,17 @@ def processes(*, format: ShowFormat = "table", cli: Cli) -> int:
             f" ({', '.join(d['dedup']['fields'])})" if d["dedup"]["fields"] else ""
         )
         rows = [
-            [p["order"], p["code"], ", ".join(p["stages"]), render.retry_text(p["retry"])]
+            [p["order"], p["code"], ", ".join(p["stages"]), render.retry_text(p["retry"]),
+             "unlimited" if p["concurrency"] is None else p["concurrency"]]
             for p in d["platforms"]
         ]
         keep = ("forever" if process.retention is None
                 else f"{format_duration(process.retention)} after finishing")
+        sla = "none" if process.sla is None else format_duration(process.sla)
         title = (f"{process.code}: {process.description or '(no description)'}  "
-                 f"[dedup: {dedup}; kept: {keep}]")
-        cli.out.print(render.table(title, ["Order", "Platform", "Stages", "Retry policy"], rows))
+                 f"[dedup: {dedup}; SLA: {sla}; kept: {keep}]")
+        cli.out.print(render.table(
+            title, ["Order", "Platform", "Stages", "Retry policy", "Sessions"], rows))
     return EXIT_OK
 
 

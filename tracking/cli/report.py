@@ -35,11 +35,14 @@ from tracking.reports import (
     AttemptCount,
     ErrorCount,
     HourlyThroughput,
+    OverdueItem,
     PlatformStageStateCount,
     ProcessStateCount,
     Reports,
+    SlaDay,
     StageDuration,
 )
+from tracking.retention import format_duration
 
 app = App(name="report", help="Reports over a time window (tables, CSV, JSON, HTML).")
 
@@ -150,6 +153,60 @@ def aging(
           r.stage_state, r.attempts, r.next_attempt_at,
           f"{r.error_code}: {r.error_description or ''}" if r.error_code else "",
           r.created_at, render.age(r.age_seconds)] for r in rows],
+    ))
+    return EXIT_OK
+
+
+@app.command
+def overdue(
+    *, process: ProcessFilter = None, format: ReportFormat = "table", limit: int = 50,
+    cli: Cli,
+) -> int:
+    """Transactions still waiting past their due time (the earlier of their deadline and
+    their process's SLA), most overdue first, with where they wait.
+
+    Parameters
+    ----------
+    limit
+        How many (the most overdue).
+    """
+    positive("--limit", limit)
+    cli.app().check_reported_process(process)
+    rows = cli.app().reports().overdue(process, limit=limit)
+    render.emit(cli.out, rows, format, OverdueItem, lambda: render.table(
+        "Overdue transactions, most overdue first",
+        ["uuid", "Process", "Business key", "State", "Priority", "Due", "Overdue by",
+         "Waiting at", "Tries", "Next attempt", "Last error"],
+        [[r.uuid, r.process, r.business_key, r.state, r.priority, r.due_at,
+          render.age(r.overdue_seconds), f"{r.platform}.{r.stage}", r.attempts,
+          r.next_attempt_at,
+          f"{r.error_code}: {r.error_description or ''}" if r.error_code else ""]
+         for r in rows],
+    ))
+    return EXIT_OK
+
+
+@app.command
+def sla(
+    *, from_: From = None, to: To = None, process: ProcessFilter = None,
+    format: ReportFormat = "table", cli: Cli,
+) -> int:
+    """SLA attainment per process and UTC creation day: of the transactions with a due time,
+    finished within it, late, still open and overdue (default: the last 7 days)."""
+    reports, start, end = _window(cli, from_, to, process)
+    rows = reports.sla(start, end, process)
+
+    def percent(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1%}"
+
+    render.emit(cli.out, rows, format, SlaDay, lambda: render.table(
+        f"SLA attainment, {render.span(start, end)}",
+        ["Process", "Day", "SLA", "Created", "Finished", "Within SLA", "Late", "Open",
+         "Overdue", "Attainment"],
+        [[r.process, r.day.isoformat(),
+          "–" if r.sla_seconds is None else format_duration(r.sla_seconds), r.transactions,
+          r.finished, r.within_sla, r.late, r.open, r.overdue, percent(r.attainment)]
+         for r in rows],
     ))
     return EXIT_OK
 

@@ -1,8 +1,9 @@
-"""Transactions by uuid (``tracking tx show|cancel|requeue``) and the bulk ``tracking requeue``.
+"""Transactions by uuid (``tracking tx show|cancel|requeue|defer``) and the bulk
+``tracking requeue``.
 
-The operator actions are ``App.cancel_many`` / ``App.requeue_many``; here they are checked
-(every uuid known, else nothing changes), called and rendered: a ✓ or ✗ line per
-transaction, exit code 1 if any failed.
+The operator actions are ``App.cancel_many`` / ``App.requeue_many`` / ``App.defer_many``;
+here they are checked (every uuid known, else nothing changes), called and rendered: a ✓ or
+✗ line per transaction, exit code 1 if any failed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tracking.models import TxState
 from tracking.reports import as_dicts
 from tracking.states import REQUEUABLE_TX_STATES
 
-app = App(name="tx", help="One or more transactions by uuid: show, cancel, requeue.")
+app = App(name="tx", help="One or more transactions by uuid: show, cancel, requeue, defer.")
 
 
 @app.command(name="show")
@@ -47,7 +48,9 @@ def tx_show(uuid: str, /, *, format: ShowFormat = "table", cli: Cli) -> int:
         return EXIT_OK
     cli.out.print(render.table(f"Transaction {tx.uuid}", ["", "Value"], [
         ["process", tx.process_code], ["business key", tx.business_key], ["state", tx.state],
-        ["source", tx.source], ["created", tx.created_at], ["updated", tx.updated_at],
+        ["source", tx.source], ["priority", tx.priority], ["not before", tx.not_before],
+        ["deadline", tx.deadline], ["due (deadline or SLA)", tx.due_at],
+        ["created", tx.created_at], ["updated", tx.updated_at],
         ["finished", tx.finished_at], ["payload", tx.payload],
     ]))
     cli.out.print(render.table("Stages", [
@@ -113,6 +116,27 @@ def tx_requeue(*uuids: str, reason: str = "requeued from the CLI", cli: Cli) -> 
     """
     _known(cli, uuids)
     return _shown(cli, cli.app().requeue_many(uuids, reason=reason, actor=actor()), "requeued")
+
+
+@app.command(name="defer")
+def tx_defer(*uuids: str, until: str, reason: str = "deferred from the CLI", cli: Cli) -> int:
+    """Postpone waiting transactions (PENDING, IN_PROGRESS, TERMINATED): the next stage of
+    each is not due before --until (a later retry time is kept); audited with the reason.
+
+    Parameters
+    ----------
+    uuids
+        Transaction uuids.
+    until
+        Not before then: ISO date or date-time (2026-12-03T08:00Z, 2026-12-03T08:00+01:00;
+        naive values are UTC, a date alone is 00:00 UTC).
+    reason
+        Why (kept in the audit trail).
+    """
+    _known(cli, uuids)
+    with bad_input():  # a bad or past --until: refused before any change
+        results = cli.app().defer_many(uuids, until=until, reason=reason, actor=actor())
+    return _shown(cli, results, "deferred")
 
 
 def requeue(
