@@ -2,7 +2,9 @@
 
 * ``catalog``: process definitions stored in the database.
 * ``intake``: items in as transactions with their stages, deduplicated.
-* ``claims``: reserving, starting, renewing and releasing work; leases of dead runs.
+* ``claims``: finding and reserving work (overdue first, then by priority), starting and
+  renewing it.
+* ``leases``: giving reservations back; recovering the stages of dead runs.
 * ``transitions``: attempt results and operator actions, decided by ``tracking.states``.
 * ``reads``: transactions, stages and runnable work.
 * ``retention``: purges of finished transactions (archived, deleted in chunks, audited).

@@ -12,8 +12,8 @@ Each public method is one database transaction (or a few, each complete): the au
 the transition it records commit together or not at all. Several workers may share a
 database: ``claim`` reserves each runnable stage for one worker only, and starts and
 completions are fenced by the claim's owner. The work is done by one module per concept:
-``catalog``, ``intake``, ``claims``, ``transitions``, ``reads`` and ``retention``; the rules
-they follow are declared in ``tracking.states``.
+``catalog``, ``intake``, ``claims``, ``leases``, ``transitions``, ``reads`` and
+``retention``; the rules they follow are declared in ``tracking.states``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
 from tracking.schedule import Item, Schedule, check_time
-from tracking.store import catalog, claims, intake, reads, retention, transitions
+from tracking.store import catalog, claims, intake, leases, reads, retention, transitions
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
 from tracking.store.transitions import Completion
@@ -161,7 +161,7 @@ class Tracker:
         # Stages of dead workers first: their lost attempts are recorded (one indexed query
         # when there are none), and their expired reservations given back in the claim's own
         # transaction, so this claim can take them.
-        claims.recover_lost_attempts(self.engine, process_code, [p.code], 1000, self.clock,
+        leases.recover_lost_attempts(self.engine, process_code, [p.code], 1000, self.clock,
                                      self.rng)
         now = self.clock()
         candidates = [
@@ -169,7 +169,7 @@ class Tracker:
                              overdue_only=True),
             claims.claimable(process_code, p.code, stage, owner, now, uuid, limit),
         ]
-        expired = claims.expired_leases(process_code, [p.code], now)
+        expired = leases.expired_leases(process_code, [p.code], now)
         return claims.claim_where(self.engine, candidates, owner, lease_seconds, now, expired,
                                   limit)
 
@@ -273,7 +273,7 @@ class Tracker:
         owner = check_owner(owner)
         if uuids is not None:
             uuids = _check_uuids(uuids)
-        return claims.release(self.engine, claims.held_by(process_code, owner),
+        return leases.release(self.engine, leases.held_by(process_code, owner),
                               f"released by {owner}: {reason}", self.clock(), uuids=uuids)
 
     def recover_expired_leases(
@@ -288,10 +288,10 @@ class Tracker:
         """
         process = self.process(process_code)
         codes = [process.get_platform(platform).code] if platform else None
-        expired = claims.expired_leases(process_code, codes, self.clock())
-        released = claims.release(self.engine, expired, claims.EXPIRED_RESERVATION,
+        expired = leases.expired_leases(process_code, codes, self.clock())
+        released = leases.release(self.engine, expired, leases.EXPIRED_RESERVATION,
                                   self.clock(), skip_locked=True)
-        return released + claims.recover_lost_attempts(self.engine, process_code, codes, limit,
+        return released + leases.recover_lost_attempts(self.engine, process_code, codes, limit,
                                                        self.clock, self.rng)
 
     # -- recording attempts ----------------------------------------------------------------
