@@ -12,6 +12,7 @@ Example:
         print(result.uuid, result.error or result.tx.state)
     plan = app.purge_plan(older_than=timedelta(days=90))      # a dry run: what would go
     run = app.purge(archive="purged.jsonl", older_than=timedelta(days=90), actor="ops")
+    delivery = app.send_events()       # business outcomes as Prefect events (batched)
     app.close()
 """
 
@@ -37,7 +38,7 @@ from tracking.reports import Reports
 from tracking.retention import Archive
 from tracking.schedule import check_time
 from tracking.settings import Settings, use_database
-from tracking.store import Tracker
+from tracking.store import Tracker, outbox
 from tracking.store.retention import (
     DEFAULT_CHUNK,
     PurgePreview,
@@ -272,6 +273,29 @@ class App:
                       ) -> list[PurgeRecord]:
         """The purge audit trail, newest first."""
         return self.operator().purge_history(process, limit=limit)
+
+    # -- business outcomes as Prefect events ------------------------------------------------
+
+    def send_events(
+        self, *, batch_size: int = outbox.DEFAULT_BATCH, max_events: int | None = None,
+        wait_seconds: float = 0.0,
+    ) -> outbox.Delivery:
+        """Send every business outcome not sent yet (final states, overdue transactions) as
+        a Prefect event to the server of ``PREFECT_API_URL``, ``batch_size`` per API call
+        (``tracking.prefect_events``); each resume run does it as it ends. Raises
+        ``outbox.DeliveryFailed`` (what was sent stays sent; the rest goes next time)."""
+        from tracking.prefect_events import send_outcome_events
+
+        return send_outcome_events(self.engine, batch_size=batch_size, max_events=max_events,
+                                   wait_seconds=wait_seconds)
+
+    def pending_events(self, *, limit: int = 100) -> list[outbox.OutcomeEvent]:
+        """The outcomes ``send_events`` would send next (a dry run: nothing is sent)."""
+        return outbox.pending(self.engine, limit=limit)
+
+    def events_status(self) -> outbox.CursorState:
+        """How far the outcomes were sent, and how many wait."""
+        return outbox.cursor_state(self.engine)
 
 
 @dataclass(frozen=True)

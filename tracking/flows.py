@@ -47,10 +47,13 @@ from tracking.decorator import Claim, concurrency_limit_name, tracked_task
 from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
 from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
+from tracking.prefect_events import send_outcome_events
 from tracking.settings import Settings, database_url
 from tracking.store import Tracker
 
 PROGRESS_EVERY_SECONDS = 5.0
+#: How long a run's end waits for another run that is sending the outcome events.
+EVENTS_WAIT_SECONDS = 10.0
 
 
 def deployment_name(code: str) -> str:
@@ -236,8 +239,30 @@ def resume_flow(
         }
         publish_summary(process, summary, tally)
         publish_report(process, tracker)
+        if settings.send_events:
+            summary["events"] = send_events(tracker, logger)
     logger.info("resume %s: %d stages run (%s)", process, tally.stages_run, stopped)
     return summary
+
+
+def send_events(tracker: Tracker, logger: Any) -> dict[str, Any]:
+    """As a run ends: send the business outcomes not sent yet (of every process) as Prefect
+    events, in batches (``tracking.prefect_events``). A failure does not fail the run: it is
+    logged, and the outcomes are sent by the next run (or ``tracking events send``)."""
+    try:
+        delivery = send_outcome_events(tracker.engine, wait_seconds=EVENTS_WAIT_SECONDS)
+    except Exception as exc:
+        logger.warning("could not send the outcome events (the next run sends them): %s: %s",
+                       type(exc).__name__, " ".join(str(exc).split())[:500])
+        sent = getattr(getattr(exc, "delivery", None), "sent", 0)
+        return {"sent": sent, "error": type(exc).__name__}
+    if delivery.busy:
+        logger.info("another run is sending the outcome events")
+    elif delivery.sent:
+        logger.info("sent %d outcome events to Prefect (%d batches, %d overdue)",
+                    delivery.sent, delivery.batches, delivery.overdue)
+    return {"sent": delivery.sent, "batches": delivery.batches, "overdue": delivery.overdue,
+            "busy": delivery.busy}
 
 
 def _release_unstarted(tracker: Tracker, process: str, owner: str, logger: Any) -> None:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         description="POST /transactions/{uuid}/process: 'inline' runs the flow in the API "
         "process, 'deployment' hands it to the process's Prefect deployment.",
     )
+    send_events: bool = Field(
+        True, description="Each resume run ends by sending the business outcomes not sent yet "
+        "as Prefect events (tracking.prefect_events); false: only `tracking events send`.",
+    )
     log_json: bool = Field(False, description="Log JSON lines instead of text.")
     log_level: str = Field("INFO", description="Log level of the tracking loggers.")
 

@@ -9,6 +9,7 @@ Examples:
     tracking requeue --process ORDER_CANCELLATION --platform SAP --state EXHAUSTED --yes
     tracking report summary --from 2026-01-01 --to 2026-01-31 --format csv
     tracking report html --out report.html
+    tracking events send                   # business outcomes as Prefect events (batched)
     tracking purge --older-than 90d        # dry run; --yes --archive purged.jsonl to purge
     tracking zombie-automation             # after `prefect deploy`: kill -9'd runs -> Crashed
 
@@ -35,7 +36,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tracking import __version__
-from tracking.cli import db, process, report, retention, services, tx
+from tracking.cli import db, events, process, report, retention, services, tx
 from tracking.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -63,6 +64,7 @@ app = App(
 app.command(db.app)
 app.command(tx.app)
 app.command(report.app)
+app.command(events.app)
 app.command(process.processes)
 app.command(process.intake)
 app.command(process.run)
