@@ -6,15 +6,16 @@
   renewing it.
 * ``leases``: giving reservations back; recovering the stages of dead runs.
 * ``transitions``: attempt results and operator actions, decided by ``tracking.states``.
+* ``batches``: many attempt results in one database transaction (``complete_many``).
 * ``reads``: transactions, stages and runnable work.
 * ``retention``: purges of finished transactions (archived, deleted in chunks, audited).
 * ``outbox``: business outcomes read from the audit trail past a cursor, for a sender
   (``tracking.prefect_events``); ``horizon``: how far the audit trail is settled.
 """
 
+from tracking.store.batches import Completion
 from tracking.store.intake import Intake
 from tracking.store.sql import MAX_CLAIM
 from tracking.store.tracker import Tracker
-from tracking.store.transitions import Completion
 
 __all__ = ["MAX_CLAIM", "Completion", "Intake", "Tracker"]

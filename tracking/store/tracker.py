@@ -30,10 +30,19 @@ from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
 from tracking.schedule import Item, Schedule, check_time
-from tracking.store import catalog, claims, intake, leases, reads, retention, transitions
+from tracking.store import (
+    batches,
+    catalog,
+    claims,
+    intake,
+    leases,
+    reads,
+    retention,
+    transitions,
+)
+from tracking.store.batches import Completion
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
-from tracking.store.transitions import Completion
 
 
 class Tracker:
@@ -344,7 +353,7 @@ class Tracker:
         if not completions:
             return []
         with self.engine.begin() as conn:
-            return transitions.apply_many(conn, completions, owner, self.clock(), self.rng,
+            return batches.apply_many(conn, completions, owner, self.clock(), self.rng,
                                           flow_run_id=flow_run_id)
 
     # -- operator actions ------------------------------------------------------------------
