@@ -27,6 +27,7 @@ from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, 
 from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFailure
 from tracking.policy import RetryPolicy
 from tracking.reports import Reports
+from tracking.schedule import Item
 from tracking.store import Completion, Tracker
 
 try:
@@ -42,6 +43,7 @@ __all__ = [
     "EventKind",
     "ExecutionResult",
     "InvalidTransition",
+    "Item",
     "KeyFields",
     "LeaseLost",
     "Outcome",
