@@ -19,8 +19,10 @@ from tracking.states import (
     StageFacts,
     StageSnapshot,
     check_cancel,
+    check_defer,
     check_requeue,
     decide,
+    deferred_until,
 )
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -102,3 +104,20 @@ def test_requeue_rules():
         check_requeue("u", T.CANCELLED, [StageSnapshot(S.IN_PROGRESS, True)])
     with pytest.raises(InvalidTransition, match="nothing left to run"):
         check_requeue("u", T.CANCELLED, [done, done])
+
+
+def test_defer_rules():
+    waiting = StageSnapshot(S.PENDING, False)
+    for state in WAITING_TX_STATES:
+        check_defer("u", state, [StageSnapshot(S.COMPLETED, True), waiting])
+    for state in FINAL_TX_STATES:
+        with pytest.raises(InvalidTransition, match="only waiting transactions"):
+            check_defer("u", state, [waiting])
+    with pytest.raises(InvalidTransition, match="running right now"):
+        check_defer("u", T.IN_PROGRESS, [StageSnapshot(S.IN_PROGRESS, True)])
+    with pytest.raises(InvalidTransition, match="claimed by a run right now"):
+        check_defer("u", T.PENDING, [StageSnapshot(S.IN_PROGRESS, False)])
+    later = NOW + timedelta(hours=1)
+    assert deferred_until(None, later) == later
+    assert deferred_until(NOW, later) == later
+    assert deferred_until(later + timedelta(hours=1), later) == later + timedelta(hours=1)

@@ -53,8 +53,10 @@ def intake(
 ) -> int:
     """Take the items of FILE into PROCESS: new items become transactions, duplicates are counted.
 
-    FILE is CSV (header row) or JSON lines (.jsonl/.ndjson; .json may hold a list). Every item
-    is checked before anything is written.
+    FILE is CSV (header row) or JSON lines (.jsonl/.ndjson; .json may hold a list). The
+    columns (fields) priority, not_before and deadline are an item's schedule, not part of its
+    payload; times are ISO 8601, naive ones UTC. Every item is checked before anything is
+    written.
 
     Parameters
     ----------
