@@ -135,3 +135,23 @@ def test_the_catalog_shows_sla_retention_and_sessions(client):
     (process,) = client.get("/processes").json()["processes"]
     assert process["sla_seconds"] == 4 * 3600 and process["retention_seconds"] == 90 * 86400
     assert [p["concurrency"] for p in process["platforms"]] == [None, 2, None]
+
+
+def test_a_deferred_transaction_is_not_due_for_process(client, tracker, clock):
+    uuid = submit(client, "FE-1").json()["uuid"]
+    client.post(f"/transactions/{uuid}/defer", json={"until": "2026-01-06T08:00Z"})
+    body = assert_error(client.post(f"/transactions/{uuid}/process"), 409, "ALREADY_PROCESSED")
+    assert body["error"]["details"]["reason"] == "not_due"
+    assert body["error"]["details"]["next_attempt_at"].startswith("2026-01-06T08:00:00")
+
+
+def test_the_catalog_table_stores_sla_and_sessions(tracker):
+    import sqlalchemy as sa
+
+    with tracker.engine.connect() as conn:
+        sla = conn.execute(sa.text(
+            "SELECT sla_seconds FROM tx_catalog_process WHERE code = :c"), {"c": P}).scalar_one()
+        sessions = dict(conn.execute(sa.text(
+            "SELECT code, concurrency FROM tx_catalog_platform WHERE process_code = :c"),
+            {"c": P}).all())
+    assert sla == 4 * 3600 and sessions == {"A": None, "B": 2, "C": None}
