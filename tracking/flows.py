@@ -13,7 +13,9 @@ settings once, when it starts, and hands them down. Processes are found by code 
 ``TRACKING_PROCESSES``; the database is not migrated here (``tracking db upgrade``).
 
 Items that fail are outcomes, not errors: the flow fails only when it cannot do its job (the
-database is unreachable or behind the code's schema, a bug).
+database is unreachable or behind the code's schema, a bug). A resume run ends by sending the
+business outcomes not sent yet as Prefect events (``send_events``; a failure to send is logged,
+never fails the run, and the next run sends them).
 """
 
 from __future__ import annotations

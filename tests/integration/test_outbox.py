@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tracking import ExecutionResult, Tracker, TxState
-from tracking.store import outbox
+from tracking.store import cursors, outbox
 from tracking.store.outbox import DeliveryFailed, deliver
 from tracking.store.retention import Target
 
@@ -175,7 +175,7 @@ def test_max_events_stops_early_and_the_rest_follows(tracker, items, engine):
 def test_a_second_emitter_waits_for_the_first_or_leaves_it_the_work(tracker, items, engine,
                                                                      clock):
     items.completed()
-    assert outbox._acquire(engine, outbox.PREFECT, "other", clock(), 60) == 0
+    assert cursors.acquire(engine, cursors.PREFECT, "other", clock(), 60) == 0
     sender = Recorder()
     busy = deliver(engine, sender, wait_seconds=0, clock=clock)
     assert busy.busy and busy.sent == 0 and sender.batches == []
@@ -209,7 +209,7 @@ def test_an_emitter_that_lost_the_cursor_does_not_move_it(tracker, items, engine
 
     def slow_then_taken_over(batch):
         clock.advance(400)  # longer than the lease: another emitter takes over meanwhile
-        assert outbox._acquire(engine, outbox.PREFECT, "other", clock(), 60) is not None
+        assert cursors.acquire(engine, cursors.PREFECT, "other", clock(), 60) is not None
 
     with pytest.raises(DeliveryFailed, match="taken over"):
         deliver(engine, slow_then_taken_over, clock=clock)

@@ -140,7 +140,7 @@ def sqlite_env(monkeypatch, sqlite_url: str) -> str:
     return sqlite_url
 
 
-def test_a_resume_run_ends_by_sending_its_outcomes(sqlite_env):
+def test_a_resume_run_ends_by_sending_its_outcomes(env):
     intake_flow(process="OUTCOMES", items=[{"id": b, "behaviour": b}
                                            for b in ("ok", "business", "system")])
     summary = resume_flow(process="OUTCOMES")
@@ -155,7 +155,7 @@ def test_a_resume_run_ends_by_sending_its_outcomes(sqlite_env):
         assert e.resource_in_role["flow-run"].id == flow_run
         assert e.resource_in_role["task-run"].id.startswith("prefect.task-run.")
     assert {e.resource["tracking.business-key"] for e in events} == {"ok", "business"}
-    engine = connect(sqlite_env)
+    engine = connect(env)
     assert outbox.cursor_state(engine).pending == 0
     engine.dispose()
 

@@ -10,7 +10,8 @@
 * ``reads``: transactions, stages and runnable work.
 * ``retention``: purges of finished transactions (archived, deleted in chunks, audited).
 * ``outbox``: business outcomes read from the audit trail past a cursor, for a sender
-  (``tracking.prefect_events``); ``horizon``: how far the audit trail is settled.
+  (``tracking.prefect_events``); ``cursors``: who holds a cursor, where it is;
+  ``horizon``: how far the audit trail is settled.
 """
 
 from tracking.store.batches import Completion

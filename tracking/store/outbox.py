@@ -16,13 +16,11 @@ Delivery is at least once, in order:
   whose emitter died) is sent again by the next emitter; a duplicate is possible only after
   a crash between sending and moving the cursor, and carries the same ``key`` (the Prefect
   event id is derived from it), so the receiver can drop it;
-* one emitter at a time: an emitter takes the cursor with one UPDATE (which holds the row
-  lock on PostgreSQL, SQLite's write lock under ``BEGIN IMMEDIATE``, so two cannot both take
-  it), holds it while it sends (``owner``, ``lease_expires_at``, renewed with each batch)
-  and moves it only if it still holds it at the position it read (a fenced UPDATE). A
-  second emitter waits for it (``wait_seconds``) or leaves the work to it. No database lock
-  is held while sending: SQLite's write lock would stop every writer for a network call. An
-  emitter that died is taken over when its lease runs out;
+* one emitter at a time: it holds the cursor (``tracking.store.cursors``: a lease, renewed
+  with each batch) while it sends, and moves it only if it still holds it at the position it
+  read; a second emitter waits for it (``wait_seconds``) or leaves the work to it. No
+  database lock is held while sending (SQLite's write lock would stop every writer for a
+  network call); an emitter that died is taken over when its lease runs out;
 * nothing is skipped: the cursor only moves over ids that can no longer appear
   (``tracking.store.horizon``: on PostgreSQL a transaction may commit an id below one
   already committed);
@@ -38,13 +36,10 @@ let their ids be used again: the migration's trigger lowers the cursor with them
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid as uuid_lib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,13 +47,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from tracking.db import read_only
 from tracking.errors import TrackingError
-from tracking.models import TxEventCursor, TxOverdueSent, TxState, UTCDateTime, utcnow
+from tracking.models import TxState, UTCDateTime, utcnow
 from tracking.states import FINAL_TX_STATES, in_order
+from tracking.store import cursors
+from tracking.store.cursors import CURSOR, PREFECT, SENT_OVERDUE
 from tracking.store.horizon import SETTLE_SECONDS, settled_horizon
-from tracking.store.sql import EVENT, TX, check_limit, check_owner, check_seconds, insert_for
+from tracking.store.sql import EVENT, TX, check_limit, check_owner, check_seconds
 
-CURSOR = TxEventCursor.__table__
-SENT_OVERDUE = TxOverdueSent.__table__
 #: The view of migration 0006: every waiting transaction past its due time.
 V_OVERDUE = sa.table(
     "v_overdue", sa.column("uuid"), sa.column("process_code"), sa.column("business_key"),
@@ -67,7 +62,6 @@ V_OVERDUE = sa.table(
     sa.column("error_description"),
 )
 OVERDUE = "OVERDUE"  # the state of an overdue outcome (it is not a TxState: nothing ended)
-PREFECT = "prefect"  # the cursor of the Prefect events (tracking.prefect_events)
 DEFAULT_BATCH = 500
 MAX_BATCH = 10_000
 DEFAULT_LEASE_SECONDS = 300.0
@@ -235,85 +229,6 @@ def overdue_outcomes(conn: Connection, limit: int) -> list[OutcomeEvent]:
     ]
 
 
-# -- the cursor --------------------------------------------------------------------------
-
-
-def default_owner() -> str:
-    """Who holds a cursor: ``<host>:<pid>:<random>`` (one emitter call)."""
-    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid_lib.uuid4().hex[:8]}"
-
-
-def _ensure_cursor(conn: Connection, name: str, now: datetime) -> None:
-    # A missing cursor (a database emptied by hand) starts at the beginning of the trail.
-    conn.execute(
-        insert_for(conn.dialect, CURSOR)
-        .values(name=name, last_event_id=0, sent=0, updated_at=now)
-        .on_conflict_do_nothing(index_elements=["name"])
-    )
-
-
-def _acquire(engine: Engine, name: str, owner: str, now: datetime, lease: float) -> int | None:
-    """Take the cursor for ``owner`` unless another holds it; its position, or None."""
-    with engine.begin() as conn:
-        _ensure_cursor(conn, name, now)
-        return conn.execute(
-            sa.update(CURSOR)
-            .where(
-                CURSOR.c.name == name,
-                sa.or_(CURSOR.c.owner.is_(None), CURSOR.c.owner == owner,
-                       CURSOR.c.lease_expires_at <= now),
-            )
-            .values(owner=owner, lease_expires_at=now + timedelta(seconds=lease),
-                    updated_at=now)
-            .returning(CURSOR.c.last_event_id)
-        ).scalar()
-
-
-def _advance(engine: Engine, name: str, owner: str, expected: int, position: int, sent: int,
-             now: datetime, lease: float) -> bool:
-    """Move the cursor from ``expected`` to ``position`` if ``owner`` still holds it there."""
-    with engine.begin() as conn:
-        done = conn.execute(
-            sa.update(CURSOR)
-            .where(CURSOR.c.name == name, CURSOR.c.owner == owner,
-                   CURSOR.c.last_event_id == expected)
-            .values(last_event_id=position, sent=CURSOR.c.sent + sent,
-                    lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
-        )
-    return done.rowcount == 1
-
-
-def _mark_overdue(engine: Engine, name: str, owner: str, batch: Sequence[OutcomeEvent],
-                  now: datetime, lease: float) -> bool:
-    """Record that ``batch`` (overdue outcomes) was sent, if ``owner`` still holds the cursor."""
-    with engine.begin() as conn:
-        held = conn.execute(
-            sa.update(CURSOR)
-            .where(CURSOR.c.name == name, CURSOR.c.owner == owner)
-            .values(sent=CURSOR.c.sent + len(batch),
-                    lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
-        ).rowcount == 1
-        if held:
-            insert = insert_for(conn.dialect, SENT_OVERDUE)
-            conn.execute(
-                insert.on_conflict_do_update(
-                    index_elements=["uuid"],
-                    set_={"due_at": insert.excluded.due_at, "sent_at": insert.excluded.sent_at},
-                ),
-                [{"uuid": o.uuid, "due_at": o.due_at, "sent_at": now} for o in batch],
-            )
-    return held
-
-
-def _release(engine: Engine, name: str, owner: str, now: datetime) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            sa.update(CURSOR)
-            .where(CURSOR.c.name == name, CURSOR.c.owner == owner)
-            .values(owner=None, lease_expires_at=None, updated_at=now)
-        )
-
-
 def deliver(
     engine: Engine,
     send: Sender,
@@ -336,7 +251,7 @@ def deliver(
     Args:
         send: delivers a batch or raises (then the batch stays unsent: ``DeliveryFailed``,
             with what was sent before).
-        owner: who holds the cursor meanwhile (default ``default_owner()``).
+        owner: who holds the cursor meanwhile (default ``cursors.default_owner()``).
         lease_seconds: how long the cursor stays held without a batch moving it (an
             emitter that died is taken over after that); keep it above a batch's sending.
         wait_seconds: how long to wait for another emitter that holds the cursor; after
@@ -346,11 +261,11 @@ def deliver(
     if max_events is not None:
         max_events = check_limit(max_events, 2**62)
     lease_seconds = check_seconds(lease_seconds)
-    owner = check_owner(owner or default_owner())
+    owner = check_owner(owner or cursors.default_owner())
     deadline = time.monotonic() + max(0.0, wait_seconds)
-    while (position := _acquire(engine, name, owner, clock(), lease_seconds)) is None:
+    while (position := cursors.acquire(engine, name, owner, clock(), lease_seconds)) is None:
         if time.monotonic() >= deadline:
-            return Delivery(0, 0, _position(engine, name), busy=True)
+            return Delivery(0, 0, cursors.position(engine, name), busy=True)
         sleep(_POLL_SECONDS)
     sent = batches = overdue = 0
 
@@ -382,7 +297,7 @@ def deliver(
             reached = horizon if len(batch) < limit else batch[-1].audit_id or horizon
             if batch:
                 send_batch(batch)
-            if not _advance(engine, name, owner, position, reached, len(batch), clock(),
+            if not cursors.advance(engine, name, owner, position, reached, len(batch), clock(),
                             lease_seconds):
                 raise taken_over(batch)
             position, sent, batches = reached, sent + len(batch), batches + bool(batch)
@@ -396,29 +311,23 @@ def deliver(
             if not batch:
                 break
             send_batch(batch)
-            if not _mark_overdue(engine, name, owner, batch, clock(), lease_seconds):
+            sent_now = [(o.uuid, o.due_at) for o in batch]
+            if not cursors.mark_overdue_sent(engine, name, owner, sent_now, clock(),
+                                             lease_seconds):
                 raise taken_over(batch)
             sent, batches, overdue = sent + len(batch), batches + 1, overdue + len(batch)
             if len(batch) < limit:
                 break
     finally:
-        _release(engine, name, owner, clock())
+        cursors.release(engine, name, owner, clock())
     return Delivery(sent, batches, position, overdue=overdue)
-
-
-def _position(engine: Engine, name: str) -> int:
-    with read_only(engine) as conn:
-        value = conn.execute(
-            sa.select(CURSOR.c.last_event_id).where(CURSOR.c.name == name)
-        ).scalar()
-    return value or 0
 
 
 def pending(engine: Engine, name: str = PREFECT, *, limit: int = 100) -> list[OutcomeEvent]:
     """What ``deliver`` would send next, as far as is committed now (read-only: a dry run;
     at most ``limit``): final states past the cursor, then overdue transactions."""
     limit = check_limit(limit, MAX_BATCH)
-    position = _position(engine, name)
+    position = cursors.position(engine, name)
     with read_only(engine) as conn:
         newest = conn.execute(sa.select(sa.func.max(EVENT.c.id))).scalar() or 0
         found = final_outcomes(conn, position, newest, limit)
