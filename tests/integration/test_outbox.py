@@ -271,8 +271,15 @@ def test_outcomes_of_purged_transactions_do_not_hide_later_ones(tracker, items, 
     top = newest_event(engine)
     clock.advance(3600)
     target = Target(P, timedelta(minutes=1), clock.now - timedelta(minutes=1))
+    assert cursors.acquire(engine, cursors.PREFECT, "emitter", clock(), 60) == top
     tracker.purge([target], lambda records: None)
     assert newest_event(engine) == 0
+    state = outbox.cursor_state(engine)
+    if engine.dialect.name == "sqlite":  # lowered, and taken from the emitter holding it
+        assert (state.position, state.owner) == (0, None)
+    else:
+        assert (state.position, state.owner) == (top, "emitter")
+        cursors.release(engine, cursors.PREFECT, "emitter", clock())
     new = items.completed()
     deliver(engine, sender)
     assert [o.uuid for o in sender.sent] == [*old, new]

@@ -30,8 +30,9 @@ Delivery is at least once, in order:
   report counts it as late).
 
 A retention purge deletes the events of the transactions it purges; one whose outcome was not
-sent yet (the emitter far behind) is not sent. On SQLite a purge of the newest events would
-let their ids be used again: the migration's trigger lowers the cursor with them.
+sent yet (the emitter far behind) is not sent. On SQLite a purge of the newest events lets
+their ids be used again: the trigger of migration 0007 lowers the cursor with them and takes
+it from its holder (whose next move then fails: ``DeliveryFailed``, sent again next time).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@
   with the due time it was sent for; deleted with their transaction (ON DELETE CASCADE).
 * SQLite reuses the highest row id after it is deleted (``tx_event`` has no AUTOINCREMENT):
   when a purge deletes the newest events, a trigger lowers every cursor to the highest id
-  left, so the ids written next are read. PostgreSQL's sequence never goes back.
+  left, so the ids written next are read, and takes it from the emitter holding it (which
+  may have read past ids about to be used again: it must not move the cursor there).
+  PostgreSQL's sequence never goes back.
 
 Revision ID: 0007
 Revises: 0006
@@ -26,9 +28,11 @@ branch_labels = None
 depends_on = None
 
 _SQLITE_TRIGGER = """CREATE TRIGGER tx_event_cursor_follows_delete AFTER DELETE ON tx_event
+   WHEN OLD.id > (SELECT coalesce(max(id), 0) FROM tx_event)
    BEGIN
-     UPDATE tx_event_cursor SET last_event_id = (SELECT coalesce(max(id), 0) FROM tx_event)
-      WHERE last_event_id > (SELECT coalesce(max(id), 0) FROM tx_event);
+     UPDATE tx_event_cursor
+        SET last_event_id = min(last_event_id, (SELECT coalesce(max(id), 0) FROM tx_event)),
+            owner = NULL, lease_expires_at = NULL;
    END"""
 
 
