@@ -298,8 +298,8 @@ def deliver(
             reached = horizon if len(batch) < limit else batch[-1].audit_id or horizon
             if batch:
                 send_batch(batch)
-            if not cursors.advance(engine, name, owner, position, reached, len(batch), clock(),
-                            lease_seconds):
+            if not cursors.advance(engine, name, owner, position, reached, len(batch),
+                                   clock(), lease_seconds):
                 raise taken_over(batch)
             position, sent, batches = reached, sent + len(batch), batches + bool(batch)
             if position == horizon:  # what was written meanwhile, in the same call
