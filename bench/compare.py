@@ -581,7 +581,7 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
         ("Prefect layer, SQLite: stage granularity vs bare Prefect tasks (a `prefect server "
          "start` server), batch granularity",
          ["bench/bench_prefect.py", "--no-profile", *quick,
-          "--output", str(RESULTS_DIR / "compare-prefect-sqlite.json")],
+          "--output", str(_rel(RESULTS_DIR / "compare-prefect-sqlite.json"))],
          RESULTS_DIR / "compare-prefect-sqlite.json"),
     ]
     if args.postgres_url:
@@ -589,7 +589,7 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
             "Prefect layer, PostgreSQL: batch granularity",
             ["bench/bench_prefect.py", "--no-profile", "--batch-only", *quick,
              "--database-url", args.postgres_url,
-             "--output", str(RESULTS_DIR / "compare-prefect-postgresql.json")],
+             "--output", str(_rel(RESULTS_DIR / "compare-prefect-postgresql.json"))],
             RESULTS_DIR / "compare-prefect-postgresql.json"))
     out.append((
         "HTTP API, SQLite: `POST /transactions` and `GET /reports/summary` at 100k rows",
