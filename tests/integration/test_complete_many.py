@@ -91,3 +91,14 @@ def test_a_stage_claimed_by_another_run_is_not_written(tracker, clock):
     with pytest.raises(ValueError, match="one result per transaction"):
         tracker.complete_many([Completion(stages[0].uuid, "A", "validate", 0)] * 2,
                               owner="run-1")
+
+
+@pytest.mark.parametrize("entries", [
+    [("uuid", "A", "validate", 0)],  # a tuple, not a Completion
+    [{"uuid": "u", "platform": "A", "stage": "validate", "result": 0}],
+    "not a list",
+])
+def test_entries_that_are_not_completions_are_refused_with_a_clear_error(tracker, entries):
+    """Before: an AttributeError (``'tuple' object has no attribute 'result'``)."""
+    with pytest.raises(TypeError, match="Completion entries"):
+        tracker.complete_many(entries, owner="run-1")

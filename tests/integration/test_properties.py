@@ -57,7 +57,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.conftest import FakeClock, cancellation_process
+from tests.conftest import TABLES, FakeClock, cancellation_process
 from tracking import (
     BusinessError,
     ExecutionResult,
@@ -373,10 +373,7 @@ def _fresh_postgres(url: str) -> tuple[str, Any]:
     """The session's PostgreSQL database, emptied (TRUNCATE fires no row trigger)."""
     engine = connect(url, migrate=True)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "TRUNCATE tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process "
-            "RESTART IDENTITY"
-        )
+        conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     engine.dispose()
     return url, lambda: None
 

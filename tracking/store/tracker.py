@@ -345,6 +345,11 @@ class Tracker:
         stage no longer claimed by ``owner`` (nothing is written for it; the others are).
         """
         owner = check_owner(owner)
+        if isinstance(completions, str | bytes) or not all(
+            isinstance(c, Completion) for c in completions
+        ):
+            raise TypeError("complete_many takes a list of tracking.store.Completion entries, "
+                            f"got {type(completions).__name__} holding other values")
         completions = [
             c if isinstance(c.result, ExecutionResult)
             else Completion(c.uuid, c.platform, c.stage, to_result(c.result), c.task_run_id)
