@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import sqlalchemy as sa
 from tests.conftest import FakeClock
 from tests.sample_processes import P, process
 from tracking import ExecutionResult, Reports, Tracker, TxState, connect
-from tracking.cli import BadInput, main, parse_time, window
+from tracking.cli import BadInput, parse_time, window
 from tracking.db import head_revision
 from tracking.reports import as_dicts
 
@@ -32,31 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = "tests.sample_processes:process"
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def env(monkeypatch, db_url):
     monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
     monkeypatch.setenv("TRACKING_PROCESSES", SAMPLE)
     return db_url
-
-
-@pytest.fixture
-def cli(env, capsys):
-    """Run the CLI in-process: ``cli("report", "summary")`` -> Result(code, out, err)."""
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,16 +11,8 @@ import sqlalchemy as sa
 
 from tests.retention_processes import processes
 from tracking import ExecutionResult, Tracker, connect
-from tracking.cli import main
 from tracking.retention import read_archive
 from tracking.store import retention as store_retention
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture
@@ -29,17 +20,6 @@ def env(monkeypatch, db_url):
     monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.retention_processes:processes")
     return db_url
-
-
-@pytest.fixture
-def cli(env, capsys):
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 class Clock:

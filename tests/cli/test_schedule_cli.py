@@ -11,10 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.cli.test_cli import Result
 from tests.schedule_processes import P, process
 from tracking import Tracker, connect
-from tracking.cli import main
 from tracking.models import EventKind
 
 
@@ -23,17 +21,6 @@ def env(monkeypatch, db_url):
     monkeypatch.setenv("TRACKING_DATABASE_URL", db_url)
     monkeypatch.setenv("TRACKING_PROCESSES", "tests.schedule_processes:process")
     return db_url
-
-
-@pytest.fixture
-def cli(env, capsys):
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 @pytest.fixture
