@@ -67,16 +67,8 @@ def runnable(process_code: str, platform: str, stage: str, now: datetime) -> sa.
     """Ids of the due stages of one platform stage, higher priority first, then oldest due
     (an index scan of ix_tx_stage_runnable in its order that stops after the caller's
     limit)."""
-    return (
-        sa.select(STAGE.c.id)
-        .where(
-            STAGE.c.process_code == process_code,
-            STAGE.c.platform == platform,
-            STAGE.c.stage == stage,
-            STAGE.c.next_attempt_at.is_not(None),
-            STAGE.c.next_attempt_at <= now,
-        )
-        .order_by(*CLAIM_ORDER)
+    return sa.select(STAGE.c.id).where(*_due(process_code, platform, stage, now)).order_by(
+        *CLAIM_ORDER
     )
 
 
@@ -85,17 +77,21 @@ def overdue(process_code: str, platform: str, stage: str, now: datetime) -> sa.S
     ``due_at`` first (a range scan of ix_tx_stage_overdue: it reads overdue stages only)."""
     return (
         sa.select(STAGE.c.id)
-        .where(
-            STAGE.c.process_code == process_code,
-            STAGE.c.platform == platform,
-            STAGE.c.stage == stage,
-            STAGE.c.due_at.is_not(None),
-            STAGE.c.due_at <= now,
-            STAGE.c.next_attempt_at.is_not(None),
-            STAGE.c.next_attempt_at <= now,
-        )
+        .where(*_due(process_code, platform, stage, now),
+               STAGE.c.due_at.is_not(None), STAGE.c.due_at <= now)
         .order_by(STAGE.c.due_at, STAGE.c.next_attempt_at, STAGE.c.id)
     )
+
+
+def _due(process_code: str, platform: str, stage: str, now: datetime) -> list[Any]:
+    """Conditions of the stages of one platform stage that are due now."""
+    return [
+        STAGE.c.process_code == process_code,
+        STAGE.c.platform == platform,
+        STAGE.c.stage == stage,
+        STAGE.c.next_attempt_at.is_not(None),
+        STAGE.c.next_attempt_at <= now,
+    ]
 
 
 def claimable(process_code: str, platform: str, stage: str, owner: str, now: datetime,
