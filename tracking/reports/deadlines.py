@@ -15,15 +15,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from tracking.models import CatalogProcess, StageState, TxProcess, TxStage, TxState, utcnow
+from tracking.models import StageState, TxState, utcnow
 from tracking.reports.rows import OverdueItem, SlaDay
+from tracking.reports.tables import CATALOG_PROCESS, STAGE, TX, with_waiting_stage
 from tracking.reports.window import check_window
 from tracking.states import WAITING_TX_STATES
-
-TX = TxProcess.__table__
-STAGE = TxStage.__table__
-STAGE_2 = STAGE.alias("stage_2")
-CATALOG_PROCESS = CatalogProcess.__table__
 
 
 def _aware(value: datetime | None, name: str) -> datetime:
@@ -60,11 +56,6 @@ class DeadlineReports:
                 print(item.uuid, item.platform, round(item.overdue_seconds / 3600, 1), "h late")
         """
         now = _aware(now, "now")
-        first_open = (
-            sa.select(sa.func.min(STAGE_2.c.seq))
-            .where(STAGE_2.c.uuid == TX.c.uuid, STAGE_2.c.state != StageState.COMPLETED)
-            .scalar_subquery()
-        )
         q = (
             sa.select(
                 TX.c.uuid, TX.c.process_code, TX.c.business_key, TX.c.state, TX.c.priority,
@@ -72,8 +63,7 @@ class DeadlineReports:
                 STAGE.c.state.label("stage_state"), STAGE.c.attempt, STAGE.c.next_attempt_at,
                 STAGE.c.error_code, STAGE.c.error_description,
             )
-            .select_from(TX.join(STAGE, sa.and_(STAGE.c.uuid == TX.c.uuid,
-                                                STAGE.c.seq == first_open)))
+            .select_from(with_waiting_stage())
             .where(_open_overdue(now))
             .order_by(TX.c.due_at, TX.c.uuid)
         )

@@ -15,13 +15,9 @@ from sqlmodel import Session, select
 from tracking.db import read_only
 from tracking.errors import UnknownProcessError
 from tracking.models import (
-    CatalogPlatform,
-    CatalogProcess,
     EventKind,
     StageState,
-    TxEvent,
     TxProcess,
-    TxStage,
     TxState,
     utcnow,
 )
@@ -39,16 +35,17 @@ from tracking.reports.rows import (
     StageDuration,
     StateCount,
 )
+from tracking.reports.tables import (
+    CATALOG_PLATFORM,
+    CATALOG_PROCESS,
+    EVENT,
+    STAGE,
+    STAGE_2,
+    TX,
+    with_waiting_stage,
+)
 from tracking.reports.window import check_window
 from tracking.states import REQUEUABLE_TX_STATES, WAITING_TX_STATES
-
-TX = TxProcess.__table__
-STAGE = TxStage.__table__
-EVENT = TxEvent.__table__
-STAGE_2 = STAGE.alias("stage_2")
-CATALOG_PROCESS = CatalogProcess.__table__
-CATALOG_PLATFORM = CatalogPlatform.__table__
-
 
 
 class Reports(DeadlineReports):
@@ -249,11 +246,6 @@ class Reports(DeadlineReports):
                 print(item.uuid, item.platform, round(item.age_seconds / 3600, 1), "hours")
         """
         now = _aware(now, "now") or utcnow()
-        first_open = (
-            sa.select(sa.func.min(STAGE_2.c.seq))
-            .where(STAGE_2.c.uuid == TX.c.uuid, STAGE_2.c.state != StageState.COMPLETED)
-            .scalar_subquery()
-        )
         q = (
             sa.select(
                 TX.c.uuid, TX.c.process_code, TX.c.business_key, TX.c.state, TX.c.created_at,
@@ -261,8 +253,7 @@ class Reports(DeadlineReports):
                 STAGE.c.attempt, STAGE.c.attempts_allowed, STAGE.c.next_attempt_at,
                 STAGE.c.error_code, STAGE.c.error_description,
             )
-            .select_from(TX.join(STAGE, sa.and_(STAGE.c.uuid == TX.c.uuid,
-                                                STAGE.c.seq == first_open)))
+            .select_from(with_waiting_stage())
             .where(TX.c.state.in_(list(WAITING_TX_STATES)))
             .order_by(TX.c.created_at, TX.c.uuid)
         )
