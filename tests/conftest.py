@@ -52,7 +52,7 @@ def cancellation_process() -> Process:
 
 
 TABLES = ("tx_event, tx_stage, tx_process, tx_catalog_platform, tx_catalog_process, tx_purge, "
-          "tx_purging, tx_event_cursor")
+          "tx_purging, tx_event_cursor, tx_count, tx_count_delta")
 
 
 def migrated(url: str) -> str:

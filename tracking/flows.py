@@ -50,6 +50,7 @@ from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
 from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
 from tracking.prefect_events import send_outcome_events
+from tracking.reports.counts import fold
 from tracking.settings import Settings, database_url
 from tracking.store import Tracker
 
@@ -240,11 +241,23 @@ def resume_flow(
             "stopped": stopped,
         }
         publish_summary(process, summary, tally)
+        fold_counts(tracker, logger)
         publish_report(process, tracker)
         if settings.send_events:
             summary["events"] = send_events(tracker, logger)
     logger.info("resume %s: %d stages run (%s)", process, tally.stages_run, stopped)
     return summary
+
+
+def fold_counts(tracker: Tracker, logger: Any) -> None:
+    """As a run ends: fold PostgreSQL's count deltas into the summary's hourly counts
+    (``tracking.reports.counts``; nothing to do on SQLite). A failure is logged: the counts
+    stay exact with the deltas, and the next run folds them."""
+    try:
+        fold(tracker.engine)
+    except Exception as exc:
+        logger.warning("could not fold the summary counts (the next run does): %s: %s",
+                       type(exc).__name__, " ".join(str(exc).split())[:500])
 
 
 def send_events(tracker: Tracker, logger: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ SQLite and ``timestamptz`` on PostgreSQL).
 
 import enum
 from datetime import UTC, datetime
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -23,9 +23,23 @@ from sqlmodel import Field, Relationship, SQLModel
 
 from tracking.outcomes import ErrorType, Outcome
 
+M = TypeVar("M", bound=SQLModel)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def from_row(cls: type[M], values: dict[str, Any]) -> M:
+    """An instance of a table model from a whole row read from the database, not validated:
+    what ``cls.model_construct(**values)`` builds when every field is given, without its
+    per-field alias and default handling (a claim of 500 builds 1,000 instances)."""
+    instance = cls.__new__(cls)
+    object.__setattr__(instance, "__dict__", values)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -385,3 +399,38 @@ class TxOverdueSent(SQLModel, table=True):
                       ondelete="CASCADE")
     due_at: datetime = Field(sa_type=UTCDateTime)
     sent_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class TxCount(SQLModel, table=True):
+    """How many transactions of a process created in one UTC hour (``created_hour``, the
+    hour's start) are in each state: the summary report adds these up instead of reading
+    every transaction (``tracking.reports.counts``). Kept by triggers on ``tx_process``
+    (migration 0008) in the same database transaction as each intake, state change and
+    purge, so no code path can leave them behind; on PostgreSQL through ``TxCountDelta``."""
+
+    __tablename__ = "tx_count"
+    __table_args__ = (sa.Index("ix_tx_count_hour", "created_hour"),)
+
+    process_code: str = Field(primary_key=True, max_length=64)
+    created_hour: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    state: TxState = Field(primary_key=True, sa_type=_enum(TxState))
+    n: int = 0
+
+
+class TxCountDelta(SQLModel, table=True):
+    """PostgreSQL's changes to ``TxCount`` not folded into it yet: the triggers append here,
+    so concurrent writers never wait for one another on the current hour's counts;
+    ``tracking.store.counts.fold`` moves them into ``TxCount`` (SQLite, one writer at a
+    time, adds to ``TxCount`` directly and leaves this empty)."""
+
+    __tablename__ = "tx_count_delta"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                            primary_key=True),
+    )
+    process_code: str = Field(max_length=64)
+    created_hour: datetime = Field(sa_type=UTCDateTime)
+    state: TxState = Field(sa_type=_enum(TxState))
+    n: int

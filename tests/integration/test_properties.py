@@ -86,6 +86,7 @@ from tracking.outcomes import (
     result_from_exception,
     to_result,
 )
+from tracking.reports import Reports
 from tracking.states import FINAL_TX_STATES
 from tracking.states import RUNNABLE_STAGE_STATES as OPEN_STAGE_STATES
 
@@ -822,6 +823,7 @@ class TrackerMachine(RuleBasedStateMachine):
         self._check_events_append_only(events)
         self._check_stage_invariants(stages, txs, events)
         self._check_owner_fencing(stages, events)
+        self._check_counts()
         self.prev_stages = stages
         self.seen_events = {i: self._row(r) for i, r in events.items()}
         self.steps += 1
@@ -850,6 +852,18 @@ class TrackerMachine(RuleBasedStateMachine):
             for i, e in events.items() if i not in self.seen_events
         ]
         assert Counter(new) == Counter(self.expected_events), (new, self.expected_events)
+
+    def _check_counts(self) -> None:
+        """The summary (pre-aggregated counts kept by triggers) agrees with the model: over
+        a window past now (its edges counted from the rows) and over one that ends just
+        after now (the current hour's count less the rows created after it)."""
+        want = dict(Counter(tx.state for tx in self.txs.values()))
+        reports = Reports(self.engine, self.clock)
+        for start, end in ((self.now - timedelta(days=30), self.now + timedelta(days=1)),
+                           (self.now - timedelta(days=30),
+                            self.now + timedelta(microseconds=1))):
+            got = {r.state: r.count for r in reports.summary_by_process_and_state(start, end)}
+            assert got == want, (start, end, got, want)
 
     def _check_events_append_only(self, events) -> None:
         for i, row in self.seen_events.items():

@@ -123,7 +123,7 @@ class ApiService:
     ) -> None:
         self.settings = settings
         self.tracker = tracker
-        self.reports = Reports(tracker.engine)
+        self.reports = Reports(tracker.engine, tracker.clock)
         self.intake = IntakeBatcher(tracker)
         self.coalescer = Coalescer()
         url = tracker.engine.url.render_as_string(hide_password=False)

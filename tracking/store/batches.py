@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from tracking.errors import LeaseLost, TransactionNotFound
-from tracking.models import EventKind, StageState, TxStage, TxState
+from tracking.models import EventKind, StageState, TxStage, TxState, from_row
 from tracking.outcomes import ExecutionResult
 from tracking.states import FINAL_TX_STATES, RUNNABLE_STAGE_STATES, StageFacts, decide
-from tracking.store.sql import CHUNK, INSERT_EVENT, STAGE, TX, policy_of
+from tracking.store.sql import CHUNK, INSERT_EVENTS, STAGE, TX, execute_many, policy_of
 from tracking.store.transitions import check_can_complete, find_stage
 
 # What deciding a batch needs, and with the changes the whole recorded row: not the columns
@@ -95,10 +95,12 @@ def apply_many(
         raise ValueError("complete_many takes one result per transaction")
     stages_of: dict[str, list[Row[Any]]] = {}
     txs: dict[str, Row[Any]] = {}
+    keys: tuple[str, ...] = ()
     for i in range(0, len(uuids), CHUNK):
         chunk = {"b_uuids": uuids[i : i + CHUNK]}
         for row in conn.execute(_LOCK_STAGES_OF, chunk):
             stages_of.setdefault(row.uuid, []).append(row)
+            keys = keys or row._fields
         txs.update((r.uuid, r) for r in conn.execute(_LOCK_TXS_OF, chunk))
     out: list[TxStage | LeaseLost] = []
     stage_rows, unlock, cancel, tx_rows, events = [], [], [], [], []
@@ -143,10 +145,9 @@ def apply_many(
             "task_run_id": c.task_run_id, "started_at": changes["started_at"],
             "created_at": now,
         })
-        out.append(TxStage.model_construct(**{**row._mapping, **changes}))
+        out.append(from_row(TxStage, {**dict(zip(keys, row, strict=True)), **changes}))
     for statement, params in ((_UPDATE_STAGES, stage_rows), (_UNLOCK_STAGES, unlock),
                               (_CANCEL_STAGES, cancel), (_UPDATE_TXS, tx_rows),
-                              (INSERT_EVENT, events)):
-        if params:
-            conn.execute(statement, params)
+                              (INSERT_EVENTS, events)):
+        execute_many(conn, statement, params)
     return out

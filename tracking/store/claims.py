@@ -32,10 +32,10 @@ from sqlalchemy.engine import Engine
 
 from tracking.db import read_only
 from tracking.errors import LeaseLost
-from tracking.models import StageState, TxProcess, TxStage, TxState
+from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 from tracking.states import RUNNABLE_STAGE_STATES
 from tracking.store.leases import EXPIRED_RESERVATION, release_in
-from tracking.store.sql import CHUNK, RESERVED, STAGE, TX
+from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, as_dicts
 
 _START_ATTEMPT = (
     sa.update(STAGE)
@@ -156,14 +156,15 @@ def claim_where(
         if not rows:
             return []
         uuids = [r.uuid for r in rows]
-        txs = {r.uuid: r for r in conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids)))}
+        found = conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids))).all()
+    txs = {t["uuid"]: t for t in as_dicts(found)}
     sa.orm.configure_mappers()  # the relationship below needs the mappers set up (once)
     stages = []
-    for row in rows:
+    for values in as_dicts(rows):
         # The rows come from the database: built without validation (10x faster; a claim
         # of 500 spent most of its time validating), the transaction set on the instance.
-        s = TxStage.model_construct(**row._mapping)
-        s.__dict__["transaction"] = TxProcess.model_construct(**txs[row.uuid]._mapping)
+        s = from_row(TxStage, values)
+        s.__dict__["transaction"] = from_row(TxProcess, dict(txs[values["uuid"]]))
         stages.append(s)
     return stages
 

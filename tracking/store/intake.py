@@ -21,13 +21,21 @@ from tracking.catalog import Process
 from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
 from tracking.schedule import Item, Schedule
-from tracking.store.sql import CHUNK, INSERT_EVENT, STAGE, TX, insert_for, policy_columns
+from tracking.store.sql import (
+    CHUNK,
+    INSERT_EVENTS,
+    STAGE,
+    TX,
+    execute_many,
+    insert_for,
+    policy_columns,
+)
 
 _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
     TX.c.process_code == sa.bindparam("b_process"),
     TX.c.fingerprint.in_(sa.bindparam("b_fingerprints", expanding=True)),
 )
-_INSERT_STAGES = sa.insert(STAGE)
+_INSERT_STAGES = sa.insert(STAGE).inline()  # for execute_many: no RETURNING
 _TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
                "state", "created_at", "updated_at", "priority", "not_before", "deadline",
                "due_at")
@@ -184,5 +192,5 @@ def _insert_stages(
         }
         for tx in txs
     ]
-    conn.execute(_INSERT_STAGES, stage_rows)
-    conn.execute(INSERT_EVENT, event_rows)
+    execute_many(conn, _INSERT_STAGES, stage_rows)
+    execute_many(conn, INSERT_EVENTS, event_rows)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from tracking.errors import InvalidTransition, LeaseLost
-from tracking.models import EventKind, StageState, TxStage, TxState
+from tracking.models import EventKind, StageState, TxStage, TxState, from_row
 from tracking.outcomes import ExecutionResult
 from tracking.states import (
     FINAL_STAGE_STATES,
@@ -177,7 +177,7 @@ def apply(
             "created_at": now,
         },
     )
-    return TxStage.model_construct(**{**row._mapping, **changes})
+    return from_row(TxStage, {**row._mapping, **changes})
 
 
 def record_lost_attempt(

@@ -1,0 +1,42 @@
+"""``models.from_row``: the instance a whole database row builds, as ``model_construct``
+builds it (it stands in for it on the hot paths, so a pydantic upgrade that changes what an
+instance holds must fail here)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy.orm
+
+from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
+
+NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+sqlalchemy.orm.configure_mappers()  # as the store does before building instances
+
+
+def stage_row() -> dict:
+    row = {name: None for name in TxStage.model_fields}
+    row.update(id=7, uuid="u-1", process_code="P", platform="A", stage="main",
+               state=StageState.IN_PROGRESS, attempt=2, created_at=NOW, updated_at=NOW)
+    return row
+
+
+def test_from_row_builds_what_model_construct_builds() -> None:
+    row = stage_row()
+    built, expected = from_row(TxStage, dict(row)), TxStage.model_construct(**row)
+    assert built == expected
+    assert built.model_fields_set == expected.model_fields_set
+    assert (built.__pydantic_extra__, built.__pydantic_private__) == (
+        expected.__pydantic_extra__, expected.__pydantic_private__)
+    assert built.model_dump() == expected.model_dump()
+    assert built.attempt == 2 and built.state == StageState.IN_PROGRESS
+
+
+def test_from_row_instances_behave_as_models() -> None:
+    tx_row = {name: None for name in TxProcess.model_fields}
+    tx_row.update(uuid="u-1", process_code="P", state=TxState.PENDING, payload={"id": 1})
+    tx = from_row(TxProcess, tx_row)
+    stage = from_row(TxStage, stage_row())
+    stage.__dict__["transaction"] = tx
+    assert stage.transaction.payload == {"id": 1}
+    assert stage.model_copy(update={"attempt": 3}).attempt == 3
