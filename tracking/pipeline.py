@@ -24,6 +24,7 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from tracking.artifacts import Tally
 from tracking.catalog import Platform
@@ -163,8 +164,10 @@ def _submit(
         (tx,) = contexts
         return _Job(contexts, runner.submit(platform_task, parameters={"tx": tx}))
     label = f"{platform.code}.{stage} x{len(contexts)}"
-    params = {"label": label, "platform_task": platform_task, "platform": platform,
-              "contexts": contexts}
+    # quote: Prefect passes them as they are, without walking every context (and the
+    # platform's fields) to look for upstream futures: there are none.
+    params = {"label": label, "platform_task": quote(platform_task),
+              "platform": quote(platform), "contexts": quote(contexts)}
     return _Job(contexts, runner.submit(run_batch, parameters=params))
 
 

@@ -21,15 +21,20 @@ from tracking.states import FINAL_TX_STATES, RUNNABLE_STAGE_STATES, StageFacts, 
 from tracking.store.sql import CHUNK, INSERT_EVENTS, STAGE, TX, execute_many, policy_of
 from tracking.store.transitions import check_can_complete, find_stage
 
-# What deciding a batch needs, and with the changes the whole recorded row: not the columns
-# every result overwrites (fewer values to convert, which is most of a batch's time).
-_OVERWRITTEN = ("next_attempt_at", "lease_expires_at", "error_code", "error_type",
-                "error_description", "updated_at")
+# Every stage of the batch's transactions is locked and read narrow (where each one stands);
+# the stages recorded are read whole, less the columns every result overwrites (fewer values
+# to convert, which is most of a batch's time), to be returned with the changes.
 _LOCK_STAGES_OF = (
-    sa.select(*(c for c in STAGE.c if c.name not in _OVERWRITTEN))
+    sa.select(STAGE.c.id, STAGE.c.uuid, STAGE.c.seq, STAGE.c.state, STAGE.c.platform,
+              STAGE.c.stage, STAGE.c.process_code)
     .where(STAGE.c.uuid.in_(sa.bindparam("b_uuids", expanding=True)))
     .order_by(STAGE.c.uuid, STAGE.c.seq)
     .with_for_update()
+)
+_OVERWRITTEN = ("next_attempt_at", "lease_expires_at", "error_code", "error_type",
+                "error_description", "updated_at")
+_STAGES_BY_ID = sa.select(*(c for c in STAGE.c if c.name not in _OVERWRITTEN)).where(
+    STAGE.c.id.in_(sa.bindparam("b_ids", expanding=True))
 )
 _LOCK_TXS_OF = (
     sa.select(TX.c.uuid, TX.c.state, TX.c.finished_at)
@@ -93,22 +98,30 @@ def apply_many(
     uuids = [c.uuid for c in completions]
     if len(set(uuids)) != len(uuids):
         raise ValueError("complete_many takes one result per transaction")
+    # Locked in the global order: every stage (by uuid), then every transaction.
+    ordered = sorted(uuids)
+    chunks = [{"b_uuids": ordered[i : i + CHUNK]} for i in range(0, len(ordered), CHUNK)]
     stages_of: dict[str, list[Row[Any]]] = {}
-    txs: dict[str, Row[Any]] = {}
-    keys: tuple[str, ...] = ()
-    for i in range(0, len(uuids), CHUNK):
-        chunk = {"b_uuids": uuids[i : i + CHUNK]}
+    for chunk in chunks:
         for row in conn.execute(_LOCK_STAGES_OF, chunk):
             stages_of.setdefault(row.uuid, []).append(row)
-            keys = keys or row._fields
+    txs: dict[str, Row[Any]] = {}
+    for chunk in chunks:
         txs.update((r.uuid, r) for r in conn.execute(_LOCK_TXS_OF, chunk))
+    targets = []
+    for c in completions:
+        if c.uuid not in txs:
+            raise TransactionNotFound(f"no transaction {c.uuid!r}")
+        targets.append(find_stage(stages_of.get(c.uuid, []), c.uuid, c.platform, c.stage).id)
+    whole: dict[int, Row[Any]] = {}
+    for i in range(0, len(targets), CHUNK):
+        whole.update((r.id, r) for r in conn.execute(
+            _STAGES_BY_ID, {"b_ids": targets[i : i + CHUNK]}))
+    keys = next(iter(whole.values()))._fields
     out: list[TxStage | LeaseLost] = []
     stage_rows, unlock, cancel, tx_rows, events = [], [], [], [], []
-    for c in completions:
-        tx, stages = txs.get(c.uuid), stages_of.get(c.uuid, [])
-        if tx is None:
-            raise TransactionNotFound(f"no transaction {c.uuid!r}")
-        row = find_stage(stages, c.uuid, c.platform, c.stage)
+    for c, target in zip(completions, targets, strict=True):
+        tx, stages, row = txs[c.uuid], stages_of[c.uuid], whole[target]
         try:
             check_can_complete(row, owner, now)
         except LeaseLost as exc:
