@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import sqlalchemy as sa
 
 from tests.conftest import cancellation_process
-from tracking import StageState, Tracker, TxState
+from tracking import StageState, Tracker, TxState, connect
 from tracking.decorator import Claim, TxContext, execute_batch
+from tracking.store.sql import STAGE
 
 P = "CANCELLATION"
 
@@ -102,3 +104,27 @@ def test_the_heartbeat_renews_a_started_batch_until_it_is_recorded(engine, clock
     # Every started attempt was in the heartbeat's set while the batch ran.
     assert seen == [{c.uuid for c in contexts}] * 2
     assert not claim.awaiting
+
+
+@pytest.mark.postgres
+def test_the_heartbeat_never_waits_for_a_batch_being_recorded(postgres_url):
+    """PostgreSQL: renewing the started attempts of several batches skips the rows another
+    transaction holds (a batch being recorded locks its rows in uuid order; a renewal that
+    waited for them while holding others deadlocked with it, failing a 500-stage batch in
+    the PostgreSQL benchmark). The held ones are being recorded: nothing to renew."""
+    engine = connect(postgres_url)
+    tracker = Tracker(engine, processes=[cancellation_process()])
+    tracker.start_many(P, [{"request_id": f"H{i}"} for i in range(6)])
+    uuids = sorted(s.uuid for s in tracker.claim(P, "A", owner="run-1", limit=6))
+    tracker.start_attempts("A", "validate", uuids, owner="run-1")
+    done: list[int] = []
+    with engine.begin() as recording:  # a complete_many of the first three, in progress
+        recording.execute(sa.select(STAGE.c.id).where(STAGE.c.uuid.in_(uuids[:3]))
+                          .with_for_update())
+        beat = threading.Thread(target=lambda: done.append(
+            tracker.renew_attempts(uuids, owner="run-1", seconds=60)))
+        beat.start()
+        beat.join(timeout=10)
+        assert not beat.is_alive(), "the heartbeat waited for the rows being recorded"
+    assert done == [3]
+    engine.dispose()

@@ -303,11 +303,14 @@ def renew_started(engine: Engine, uuids: Sequence[str], owner: str, expires: dat
     renewed = 0
     with engine.begin() as conn:
         for i in range(0, len(uuids), CHUNK):
+            held: Any = sa.and_(
+                STAGE.c.uuid.in_(list(uuids[i : i + CHUNK])), STAGE.c.lease_owner == owner,
+                STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_not(None))
+            if conn.dialect.name == "postgresql":
+                # A row locked now is being recorded (complete_many locks its batch's rows
+                # in uuid order): waiting for it, holding rows it wants, could deadlock.
+                locked = sa.select(STAGE.c.id).where(held).with_for_update(skip_locked=True)
+                held = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), held)
             renewed += conn.execute(
-                sa.update(STAGE)
-                .where(STAGE.c.uuid.in_(list(uuids[i : i + CHUNK])),
-                       STAGE.c.lease_owner == owner, STAGE.c.state == StageState.IN_PROGRESS,
-                       STAGE.c.started_at.is_not(None))
-                .values(lease_expires_at=expires)
-            ).rowcount
+                sa.update(STAGE).where(held).values(lease_expires_at=expires)).rowcount
     return renewed

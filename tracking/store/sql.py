@@ -85,33 +85,32 @@ def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, A
     if not rows:
         return
     form = _driver_form(statement, conn.dialect, tuple(rows[0]))
-    converted: dict[tuple[int, Any], Any] = {}
-
-    def value(k: int, name: str, given: Any, process: Callable[[Any], Any] | None,
-              row: Mapping[str, Any]) -> Any:
-        v = row[name] if given is _FROM_ROW else given
-        if process is None or v is None:
-            return v
-        try:
-            return converted[k, v]
-        except KeyError:
-            done = converted[k, v] = process(v)
-            return done
-        except TypeError:  # unhashable (a JSON value): converted each time
-            return process(v)
-
-    spec = list(enumerate(form.params))
+    # A column at a time: each row's values in order, then each typed column converted.
+    columns = [[row[name] for row in rows] if given is _FROM_ROW else [given] * len(rows)
+               for name, given, _ in form.params]
+    for values, (_, _, process) in zip(columns, form.params, strict=True):
+        if process is not None:
+            _convert(values, process)
     if form.positional:
-        params: list[Any] = [
-            tuple(value(k, name, given, process, row) for k, (name, given, process) in spec)
-            for row in rows
-        ]
+        params: list[Any] = list(zip(*columns, strict=True))
     else:
-        params = [
-            {name: value(k, name, given, process, row) for k, (name, given, process) in spec}
-            for row in rows
-        ]
+        names = [name for name, _, _ in form.params]
+        params = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
     conn.exec_driver_sql(form.sql, params)
+
+
+def _convert(values: list[Any], process: Callable[[Any], Any]) -> None:
+    """Convert a column's values in place, each distinct one once (NULL stays NULL)."""
+    done: dict[Any, Any] = {}
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        try:
+            values[i] = done[v]
+        except KeyError:
+            values[i] = done[v] = process(v)
+        except TypeError:  # unhashable (a JSON value): converted each time
+            values[i] = process(v)
 
 
 def as_dicts(rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
