@@ -52,7 +52,7 @@ from tracking.catalog import Platform, Process
 from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage, TxState
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
-from tracking.store import Completion, Tracker
+from tracking.store import Completion, Reservation, Tracker
 
 REJECTED = "Rejected"
 SYSTEM_ERROR = "SystemError"
@@ -137,6 +137,15 @@ class TxContext:
         )
         if tx is not None:
             context.claimed_state = TxState(tx.state)
+        return context
+
+    @classmethod
+    def of_reservation(cls, r: Reservation, claim: Claim) -> TxContext:
+        """The context of a stage reserved by ``claim.owner`` (``Tracker.reserve``)."""
+        context = cls(r.payload, uuid=r.uuid, process=r.process_code, platform=r.platform,
+                      stage=r.stage, attempt=r.attempt, business_key=r.business_key,
+                      claim=claim)
+        context.claimed_state = r.tx_state
         return context
 
     def __repr__(self) -> str:

@@ -267,7 +267,7 @@ class Pipeline:
             ahead = o.concurrency * step.rounds_ahead() if unit == 1 else 0
             want = min((free + ahead) * unit, budget.room(self.claimed),
                        o.batch_size if unit == 1 else free * unit)
-            claimed = self.tracker.claim(
+            claimed = self.tracker.reserve(
                 o.process, step.platform.code, step.stage, owner=self.claim.owner,
                 uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
             )
@@ -275,7 +275,7 @@ class Pipeline:
             self.claimed += len(claimed)
             self._attempts_before.update(((c.uuid, c.platform, c.stage), c.attempt)
                                          for c in claimed)
-            step.waiting.extend(TxContext.of(c, self.claim) for c in claimed)
+            step.waiting.extend(TxContext.of_reservation(c, self.claim) for c in claimed)
         return None
 
     def _submit_waiting(self, state: list[_Step], jobs: list[_Job]) -> None:

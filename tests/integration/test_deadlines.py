@@ -89,7 +89,8 @@ def test_bad_times_are_refused_naming_the_value(tracker, clock):
 # -- overdue first -------------------------------------------------------------------------
 
 
-def test_overdue_items_are_claimed_first_most_overdue_first(sla_tracker, clock):
+@pytest.mark.parametrize("how", ["claim", "reserve"])
+def test_overdue_items_are_claimed_first_most_overdue_first(sla_tracker, clock, how):
     sla_tracker.start_or_resume(P, {"request_id": "high"}, priority=100)
     sla_tracker.start_or_resume(P, {"request_id": "due-in-2h"}, deadline=clock.now + 2 * HOUR)
     sla_tracker.start_or_resume(P, {"request_id": "due-in-1h"}, deadline=clock.now + HOUR)
@@ -97,10 +98,11 @@ def test_overdue_items_are_claimed_first_most_overdue_first(sla_tracker, clock):
                                               deadline=clock.now + HOUR)
     sla_tracker.defer(deferred, until=clock.now + 5 * HOUR)
     clock.advance(3 * 3600)  # both deadlines passed; the SLA (4 h) not yet
-    assert keys(sla_tracker, sla_tracker.claim(P, "A", owner="w", limit=1)) == ["due-in-1h"]
-    assert keys(sla_tracker, sla_tracker.claim(P, "A", owner="w", limit=2)) == [
+    claim = getattr(sla_tracker, how)
+    assert keys(sla_tracker, claim(P, "A", owner="w", limit=1)) == ["due-in-1h"]
+    assert keys(sla_tracker, claim(P, "A", owner="w", limit=2)) == [
         "due-in-2h", "high"]  # the overdue one, then by priority
-    assert sla_tracker.claim(P, "A", owner="w") == []  # "deferred": overdue but not due
+    assert claim(P, "A", owner="w") == []  # "deferred": overdue but not due
 
 
 def test_a_claim_fills_its_limit_from_both_orders(sla_tracker, clock):

@@ -42,7 +42,8 @@ def test_priority_is_stored_on_the_transaction_and_every_stage(tracker):
     assert tracker.get_transaction(other).priority == 0  # the default
 
 
-def test_claims_take_higher_priority_first_then_oldest_due(tracker, clock):
+@pytest.mark.parametrize("how", ["claim", "reserve"])
+def test_claims_take_higher_priority_first_then_oldest_due(tracker, clock, how):
     tracker.start_or_resume(P, {"request_id": "old-low"}, priority=-1)
     clock.advance(1)
     tracker.start_or_resume(P, {"request_id": "old-normal"})
@@ -53,8 +54,9 @@ def test_claims_take_higher_priority_first_then_oldest_due(tracker, clock):
     clock.advance(1)
     assert keys(tracker, tracker.get_pending_stages(P, "A")) == [
         "new-high", "newer-high", "old-normal", "new-normal", "old-low"]
-    assert keys(tracker, tracker.claim(P, "A", owner="w", limit=2)) == ["new-high", "newer-high"]
-    assert keys(tracker, tracker.claim(P, "A", owner="w", limit=10)) == [
+    claim = getattr(tracker, how)
+    assert keys(tracker, claim(P, "A", owner="w", limit=2)) == ["new-high", "newer-high"]
+    assert keys(tracker, claim(P, "A", owner="w", limit=10)) == [
         "old-normal", "new-normal", "old-low"]
 
 
@@ -107,12 +109,14 @@ def test_overdue_query_uses_its_own_index(tracker, engine, clock):
     assert "TEMP B-TREE" not in found.upper() and "Sort" not in found, found
 
 
-def test_claim_statements_do_not_grow_with_rows_or_priorities(tracker):
+@pytest.mark.parametrize("how", ["claim", "reserve"])
+def test_claim_statements_do_not_grow_with_rows_or_priorities(tracker, how):
     tracker.start_many(P, [Item({"request_id": f"Q{i}"}, priority=i % 7) for i in range(300)])
+    claim = getattr(tracker, how)
     with count_statements(tracker.engine) as small:
-        assert len(tracker.claim(P, "A", owner="w", limit=5)) == 5
+        assert len(claim(P, "A", owner="w", limit=5)) == 5
     with count_statements(tracker.engine) as large:
-        assert len(tracker.claim(P, "A", owner="w", limit=200)) == 200
+        assert len(claim(P, "A", owner="w", limit=200)) == 200
     assert len(small) == len(large) <= 5, large
 
 

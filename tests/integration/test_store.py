@@ -412,6 +412,24 @@ def test_requeue_gives_exhausted_stage_fresh_attempts(tracker):
         tracker.cancel(uuid, reason=" ")
 
 
+def test_reserve_reserves_as_claim_does_with_what_a_platform_call_needs(tracker, clock):
+    uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1", "amount": 12.5})
+    (r,) = tracker.reserve(P, "A", owner="w1", lease_seconds=60)
+    assert (r.uuid, r.process_code, r.platform, r.stage, r.attempt) == (
+        uuid, P, "A", "validate", 0)
+    assert (r.business_key, r.tx_state) == ("FE-1", TxState.PENDING)
+    assert r.payload == {"request_id": "FE-1", "amount": 12.5}
+    (stage, *_) = tracker.get_transaction(uuid).stages
+    assert (stage.state, stage.lease_owner, stage.started_at) == (
+        StageState.IN_PROGRESS, "w1", None)
+    assert tracker.claim(P, "A", owner="w2") == tracker.reserve(P, "A", owner="w2") == []
+    clock.advance(61)  # the reservation expired: given back first, its attempts intact
+    (again,) = tracker.reserve(P, "A", owner="w2")
+    assert (again.uuid, again.attempt) == (uuid, 0)
+    assert tracker.start_attempt(uuid, "A", "validate", owner="w2") == 1
+    assert tracker.complete_stage(uuid, "A", 0, owner="w2").state == StageState.COMPLETED
+
+
 def test_cancel_of_a_reserved_stage_stops_it_before_its_attempt(tracker):
     uuid, _ = tracker.start_or_resume(P, {"request_id": "FE-1"})
     tracker.claim(P, "A", owner="w1")

@@ -4,14 +4,13 @@ instance holds must fail here)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
-
-import sqlalchemy.orm
 
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
-sqlalchemy.orm.configure_mappers()  # as the store does before building instances
 
 
 def stage_row() -> dict:
@@ -40,3 +39,14 @@ def test_from_row_instances_behave_as_models() -> None:
     stage.__dict__["transaction"] = tx
     assert stage.transaction.payload == {"id": 1}
     assert stage.model_copy(update={"attempt": 3}).attempt == 3
+
+
+def test_from_row_works_before_anything_else_set_the_mappers_up() -> None:
+    """In a fresh interpreter, the first instance built is usable (a resume run's first
+    recorded stage failed reading ``.attempt`` once claims stopped building instances)."""
+    code = ("from tracking.models import TxStage, from_row\n"
+            "s = from_row(TxStage, {c: 1 for c in TxStage.__table__.c.keys()})\n"
+            "print(s.attempt)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "1"), done.stderr[-2000:]

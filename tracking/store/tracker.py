@@ -164,6 +164,26 @@ class Tracker:
         itself, so a failing stage is retried by a later run (or by an in-run retry through
         ``claim_stage``), never in a tight loop. ``uuid`` limits the claim to one transaction.
         """
+        args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
+        return claims.claim_where(self.engine, *args)
+
+    def reserve(
+        self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
+        limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
+    ) -> list[claims.Reservation]:
+        """``claim``, returning only what a platform call needs (``Reservation``: the stage's
+        place and attempt, the transaction's business key, state and payload) instead of the
+        whole rows: what a resume run uses, a fraction of ``claim``'s cost per stage."""
+        args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
+        return claims.reserve_where(self.engine, *args)
+
+    def _claim_args(
+        self, process_code: str, platform: str, stage: str | None, owner: str, limit: int,
+        lease_seconds: float, uuid: str | None,
+    ) -> tuple[list[Any], str, float, datetime, list[Any], int]:
+        """What ``claim`` and ``reserve`` reserve: the candidate queries (the overdue, then
+        the rest), the owner, the lease, now, the expired reservations to give back, the
+        limit (checked)."""
         _, p, stage = self._platform_stage(process_code, platform, stage)
         limit, owner = check_limit(limit), check_owner(owner)
         lease_seconds = check_seconds(lease_seconds)
@@ -179,8 +199,7 @@ class Tracker:
             claims.claimable(process_code, p.code, stage, owner, now, uuid, limit),
         ]
         expired = leases.expired_leases(process_code, [p.code], now)
-        return claims.claim_where(self.engine, candidates, owner, lease_seconds, now, expired,
-                                  limit)
+        return candidates, owner, lease_seconds, now, expired, limit
 
     def claim_stage(
         self, uuid: str, platform: str, stage: str | None = None, *, owner: str,
