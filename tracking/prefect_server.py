@@ -26,14 +26,25 @@ from typing import Any, TypeVar
 
 R = TypeVar("R")
 
+#: How long the temporary server may take to start (unless
+#: ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` says otherwise).
+STARTUP_SECONDS = 180
+
 
 def _settings() -> dict[str, Any]:
     """Keyword arguments of ``temporary_settings`` for starting the temporary server."""
-    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_LOGGING_LEVEL
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_SERVER_LOGGING_LEVEL,
+    )
 
     return {
         "updates": {PREFECT_SERVER_ANALYTICS_ENABLED: False},
-        "set_defaults": {PREFECT_SERVER_LOGGING_LEVEL: "CRITICAL"},
+        # Prefect's 20 s is too short on a busy 2-CPU machine: `make demo` failed with
+        # "Timed out while attempting to connect to ephemeral Prefect API server".
+        "set_defaults": {PREFECT_SERVER_LOGGING_LEVEL: "CRITICAL",
+                         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_SECONDS},
     }
 
 

@@ -21,6 +21,21 @@ def test_quiet_settings_turn_telemetry_off_for_the_server_subprocess() -> None:
     assert "PREFECT_SERVER_LOGGING_LEVEL" in env
 
 
+def test_quiet_settings_give_the_server_time_to_start_on_a_busy_machine() -> None:
+    """Prefect's default 20 s failed `make demo` while the machine was busy."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    with quiet_settings():
+        assert get_current_settings().server.ephemeral.startup_timeout_seconds >= 120
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 45}):
+        with quiet_settings():  # a value the user set is kept
+            assert get_current_settings().server.ephemeral.startup_timeout_seconds == 45
+
+
 def test_tracking_run_runs_its_flow_under_the_quiet_settings(tmp_path, monkeypatch, capsys):
     import tracking.flows
 
