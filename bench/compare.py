@@ -14,8 +14,8 @@ file per measurement:
 * this project, one by one: ``Tracker.start_or_resume`` per item, then per run and platform
   ``claim`` 500 at a time, ``start_attempt`` + ``complete_stage`` per stage;
 * this project, in batches: ``start_many`` in chunks of 1,000, then per run and platform
-  ``claim`` 500 at a time, then one ``start_attempts`` and one ``complete_many`` per claimed
-  batch (as a batch of an ``idempotent`` platform runs).
+  ``reserve`` 500 at a time (a resume run's claim), then one ``start_attempts`` and one
+  ``complete_many`` per reserved batch (as a batch of an ``idempotent`` platform runs).
 
 Every measurement ends with a check: the final state of each transaction and the state and
 attempt count of each of its stages must be what the outcome pattern implies under that
@@ -248,8 +248,10 @@ def hourly_run(tracker: Tracker, owner: str, batched: bool,
     began = time.perf_counter()
     for code, *_ in w.PLATFORMS:
         count = 0
-        while batch := claim.call(tracker.claim, w.PROCESS, code, owner=owner,
-                                  limit=CLAIM_LIMIT):
+        # A resume run reserves (``Tracker.reserve``: what a platform call needs); one by
+        # one claims whole stages, as a worker of the per-stage API would.
+        find = tracker.reserve if batched else tracker.claim
+        while batch := claim.call(find, w.PROCESS, code, owner=owner, limit=CLAIM_LIMIT):
             completions = []
             if batched:  # as a batch of an idempotent platform runs: its attempts start together
                 started = start.call(tracker.start_attempts, code, batch[0].stage,
@@ -374,13 +376,13 @@ ROWS: list[tuple[str, str, str, str]] = [
      "intake)", "intake", "batch", "intake"),
     ("hourly run 1, per stage (here: `claim` 500 + `start_attempt` + `complete_stage`)",
      "run1", "stage", "run1"),
-    ("hourly run 1, here `start_attempts` + `complete_many` per claimed batch",
+    ("hourly run 1, here `reserve` 500 + `start_attempts` + `complete_many` per batch",
      "run1", "batch", "run1"),
     ("hourly run 2, per stage", "run2", "stage", "run2"),
-    ("hourly run 2, here `start_attempts` + `complete_many` per claimed batch",
+    ("hourly run 2, here `reserve` 500 + `start_attempts` + `complete_many` per batch",
      "run2", "batch", "run2"),
     ("whole workload, one by one + per stage", "total", "stage", "total"),
-    ("whole workload, `start_many` + `start_attempts` + `complete_many`",
+    ("whole workload, `start_many` + `reserve` + `start_attempts` + `complete_many`",
      "total", "batch", "total"),
 ]
 
@@ -444,7 +446,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "## Figures",
         "",
         "Wall-clock seconds of each phase; in brackets the stage attempts recorded by a run. "
-        "Find: rpa-tracker `get_pending_stages`, this project `claim`; record: "
+        "Find: rpa-tracker `get_pending_stages`, this project `claim` (one by one) or "
+        "`reserve` (batches); record: "
         "`complete_stage` / `complete_many` (this project's `start_attempt` time is in the "
         "run, listed apart in the JSON).",
         "",

@@ -52,7 +52,10 @@ def check_error_code(code: Any) -> int:
 
 def outcome_of(code: int) -> Outcome:
     """Map an error code to its outcome."""
-    code = check_error_code(code)
+    return _outcome(check_error_code(code))
+
+
+def _outcome(code: int) -> Outcome:
     if code == 0:
         return Outcome.SUCCESS
     return Outcome.BUSINESS_ERROR if code > 0 else Outcome.SYSTEM_ERROR
@@ -78,15 +81,18 @@ class ExecutionResult:
 
     @property
     def outcome(self) -> Outcome:
-        return outcome_of(self.error_code)
+        return _outcome(self.error_code)  # an int: checked when the result was made
 
     @property
     def error_type(self) -> ErrorType | None:
-        return {
-            Outcome.SUCCESS: None,
-            Outcome.BUSINESS_ERROR: ErrorType.BUSINESS,
-            Outcome.SYSTEM_ERROR: ErrorType.SYSTEM,
-        }[self.outcome]
+        return _ERROR_TYPES[self.outcome]
+
+
+_ERROR_TYPES = {
+    Outcome.SUCCESS: None,
+    Outcome.BUSINESS_ERROR: ErrorType.BUSINESS,
+    Outcome.SYSTEM_ERROR: ErrorType.SYSTEM,
+}
 
 
 class BusinessError(Exception):

@@ -140,10 +140,12 @@ def lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
 
 def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
-    values: dict[str, Any] = {"state": state, "updated_at": now}
+    values: dict[str, Any] = {"updated_at": now}
+    if state != tx.state:  # a state that stays is not written: its indexes stay untouched
+        values["state"] = state
     if state in FINAL_TX_STATES and tx.finished_at is None:
         values["finished_at"] = now
-    elif state not in FINAL_TX_STATES:
+    elif state not in FINAL_TX_STATES and tx.finished_at is not None:
         values["finished_at"] = None
     conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, **values})
 
