@@ -65,7 +65,7 @@ from tracking import (  # noqa: E402
     Tracker,
     connect,
 )
-from tracking.db import SQLITE_CACHE_KIB  # noqa: E402
+from tracking.db import SQLITE_CACHE_KIB, SQLITE_WAL_CHECKPOINT_PAGES  # noqa: E402
 
 RPA_REQUIREMENT = "rpa-tracker==0.0.18"
 RPA_VENV = ROOT / "build" / "bench-venv-rpa-tracker"
@@ -76,7 +76,8 @@ CHUNK = 1000
 #: The SQLite settings of ``tracking.db`` that matter to a single writer, given to rpa-tracker
 #: too (unless --rpa-sqlite-defaults), so that the comparison is of the libraries, not of
 #: fsync per commit.
-PROJECT_PRAGMAS = ["journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{SQLITE_CACHE_KIB}"]
+PROJECT_PRAGMAS = ["journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{SQLITE_CACHE_KIB}",
+                   f"wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}"]
 
 SIDES = {
     "rpa": "rpa-tracker 0.0.18",
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 10000: beyond, only the batch variant, made for volume)")
     parser.add_argument("--rpa-sqlite-defaults", action="store_true",
                         help="give rpa-tracker SQLite's default settings instead of this "
-                        "project's WAL / synchronous=NORMAL / cache size")
+                        "project's WAL / synchronous=NORMAL / cache size / checkpoint interval")
     parser.add_argument("--rpa-venv", type=Path, default=RPA_VENV,
                         help=f"venv for rpa-tracker (default {RPA_VENV.relative_to(ROOT)})")
     parser.add_argument("--output", type=Path, default=None,
