@@ -36,7 +36,8 @@ def from_row(cls: type[M], values: dict[str, Any]) -> M:
     per-field alias and default handling (a claim of 500 builds 1,000 instances)."""
     if not cls.__mapper__.configured:  # type: ignore[attr-defined]
         sa.orm.configure_mappers()  # once: an instance's relationships need them set up
-    instance = cls.__new__(cls)
+    # object.__new__: SQLModel's __new__ only sets the pydantic attributes set below.
+    instance = object.__new__(cls)
     object.__setattr__(instance, "__dict__", values)
     object.__setattr__(instance, "__pydantic_fields_set__", set(values))
     object.__setattr__(instance, "__pydantic_extra__", None)

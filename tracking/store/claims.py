@@ -225,17 +225,14 @@ def reserve_where(
     with engine.begin() as conn:
         rows = _reserve(conn, list(candidates), owner, lease_seconds, now, release_first,
                         limit, _RESERVED_COLUMNS)
-        txs: dict[str, Row[Any]] = {}
+        txs: dict[str, tuple[str, TxState, dict[str, Any]]] = {}
         uuids = [r.uuid for r in rows]
         for i in range(0, len(uuids), CHUNK):
-            txs.update((t.uuid, t) for t in conn.execute(
-                _TX_OF_RESERVED, {"b_uuids": uuids[i : i + CHUNK]}))
-    out = []
-    for r in rows:
-        tx = txs[r.uuid]
-        out.append(Reservation(r.id, r.uuid, r.process_code, r.platform, r.stage, r.attempt,
-                               tx.business_key, TxState(tx.state), tx.payload))
-    return out
+            found = conn.execute(_TX_OF_RESERVED, {"b_uuids": uuids[i : i + CHUNK]}).all()
+            txs.update((uuid, (key, state, payload)) for uuid, key, state, payload in found)
+    # Unpacked as tuples: by far the cheapest way to read a row's values.
+    return [Reservation(id_, uuid, process_code, platform, stage, attempt, *txs[uuid])
+            for id_, uuid, process_code, platform, stage, attempt, _ in rows]
 
 
 def extend_lease(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
