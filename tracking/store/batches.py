@@ -102,11 +102,11 @@ def apply_many(
     flow_run_id: str | None = None,
 ) -> list[TxStage | LeaseLost]:
     """Record a batch of results in the caller's database transaction, with a handful of
-    statements whatever the batch size: the rows are locked (stages, then transactions, in
-    uuid order: the global lock order), each result decided by ``states.decide``, and the
-    stages, the next stages, the transactions and the events written with one statement
-    each. A stage no longer claimed by ``owner`` is not written: its entry is a
-    ``LeaseLost``."""
+    statements whatever the batch size: the stages recorded are locked and read (with the
+    id of the stage after each), then their transactions, in uuid order (the global lock
+    order); each result is decided by ``states.decide``; the stages, the next stages, the
+    cancelled ones, the transactions and the events are written with one statement each. A
+    stage no longer claimed by ``owner`` is not written: its entry is a ``LeaseLost``."""
     uuids = [c.uuid for c in completions]
     if len(set(uuids)) != len(uuids):
         raise ValueError("complete_many takes one result per transaction")
