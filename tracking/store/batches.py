@@ -17,8 +17,18 @@ from sqlalchemy.engine import Connection, Row
 from tracking.errors import LeaseLost
 from tracking.models import EventKind, StageState, TxStage, from_row
 from tracking.outcomes import ExecutionResult
-from tracking.states import FINAL_TX_STATES, RUNNABLE_STAGE_STATES, StageFacts, decide
-from tracking.store.sql import CHUNK, INSERT_EVENTS, STAGE, TX, execute_many, lock, policy_of
+from tracking.states import RUNNABLE_STAGE_STATES, StageFacts, decide
+from tracking.store.sql import (
+    CHUNK,
+    INSERT_EVENTS,
+    STAGE,
+    TX,
+    UPDATE_TX,
+    execute_many,
+    lock,
+    policy_of,
+    tx_changes,
+)
 from tracking.store.transitions import check_can_complete, find_stage
 
 # The stages recorded are locked and read by name, less the columns every result
@@ -69,17 +79,6 @@ _CANCEL_REST = (
             finished_at=sa.bindparam("v_now"),
             error_description="cancelled: an earlier stage was rejected")
 )
-_UPDATE_TXS = (
-    sa.update(TX)
-    .where(TX.c.uuid == sa.bindparam("b_uuid"))
-    .values(state=sa.bindparam("v_state"), updated_at=sa.bindparam("v_now"),
-            finished_at=sa.bindparam("v_finished_at"))
-)
-# A transaction whose state stays (most results: a stage done, the next one to run): not
-# naming the state leaves its indexes untouched, half the cost of the row's update.
-_TOUCH_TXS = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid")).values(
-    updated_at=sa.bindparam("v_now"))
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -130,7 +129,8 @@ def apply_many(
             _LOCK_TXS_OF, {"b_uuids": ordered[i : i + CHUNK]}).all())
     keys = next(iter(recorded.values()))._fields[:-1]  # the stage's columns, not next_id
     out: list[TxStage | LeaseLost] = []
-    stage_rows, unlock, cancel, moved, touched, events = [], [], [], [], [], []
+    stage_rows, unlock, cancel, events = [], [], [], []
+    txs_by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}  # one UPDATE per SET
     for c in completions:
         tx, row = txs[c.uuid], recorded[c.uuid]
         try:
@@ -157,13 +157,8 @@ def apply_many(
             unlock.append({"b_id": next_id, "v_now": now})
         if t.cancel_rest:
             cancel.append({"b_uuid": c.uuid, "b_id": target, "v_now": now})
-        if t.tx_state == tx.state:
-            # Its state stays: only updated_at changes (the state's indexes stay as they are).
-            touched.append({"b_uuid": c.uuid, "v_now": now})
-        else:
-            moved.append({"b_uuid": c.uuid, "v_state": t.tx_state, "v_now": now,
-                          "v_finished_at": (tx.finished_at or now)
-                          if t.tx_state in FINAL_TX_STATES else None})
+        changes = tx_changes(tx, t.tx_state, now)
+        txs_by_columns.setdefault(tuple(changes), []).append({"b_uuid": c.uuid, **changes})
         events.append({
             "uuid": c.uuid, "process_code": stage["process_code"], "kind": EventKind.ATTEMPT,
             "platform": stage["platform"], "stage": stage["stage"], "attempt": attempt,
@@ -178,9 +173,9 @@ def apply_many(
                      error_type=result.error_type, error_description=result.description,
                      updated_at=now, finished_at=finished_at)
         out.append(from_row(TxStage, stage))
-    for statement, params in ((_UPDATE_STAGES, stage_rows), (_UNLOCK_STAGES, unlock),
-                              (_CANCEL_REST, cancel), (_UPDATE_TXS, moved),
-                              (_TOUCH_TXS, touched), (INSERT_EVENTS, events)):
+    writes = [(_UPDATE_STAGES, stage_rows), (_UNLOCK_STAGES, unlock), (_CANCEL_REST, cancel),
+              *((UPDATE_TX, rows) for rows in txs_by_columns.values()), (INSERT_EVENTS, events)]
+    for statement, params in writes:
         execute_many(conn, statement, params)
     return out
 

@@ -140,14 +140,20 @@ def lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
 
 def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
+    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, **tx_changes(tx, state, now)})
+
+
+def tx_changes(tx: Row[Any], state: TxState, now: datetime) -> dict[str, Any]:
+    """The columns of ``UPDATE_TX`` that move a transaction to ``state``: only what changes
+    (a state that stays is not written, so its indexes and counts stay untouched)."""
     values: dict[str, Any] = {"updated_at": now}
-    if state != tx.state:  # a state that stays is not written: its indexes stay untouched
+    if state != tx.state:
         values["state"] = state
     if state in FINAL_TX_STATES and tx.finished_at is None:
         values["finished_at"] = now
     elif state not in FINAL_TX_STATES and tx.finished_at is not None:
         values["finished_at"] = None
-    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, **values})
+    return values
 
 
 def operator_event(
