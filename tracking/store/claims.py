@@ -135,6 +135,7 @@ class Reservation:
     payload: dict[str, Any]
 
 
+# reserve_where unpacks these by position: change the order in both places.
 _RESERVED_COLUMNS = (STAGE.c.id, STAGE.c.uuid, STAGE.c.process_code, STAGE.c.platform,
                      STAGE.c.stage, STAGE.c.attempt, STAGE.c.priority)
 _TX_OF_RESERVED = sa.select(TX.c.uuid, TX.c.business_key, TX.c.state, TX.c.payload).where(
