@@ -519,6 +519,7 @@ def _tracking_timer() -> CallTimer:
         (decorator, "get_run_logger", "get_run_logger (in the task)"),
         (decorator, "_call", "the platform function (no-op)"),
         (Tracker, "claim", "Tracker.claim (flow)"),
+        (Tracker, "reserve", "Tracker.reserve (flow, batch granularity)"),
         (Tracker, "get_stages", "Tracker.get_stages / settle (flow)"),
         (Tracker, "recover_expired_leases", "Tracker.recover_expired_leases (flow + claims)"),
         (runner, "update_progress_artifact", "update_progress_artifact (flow, per claim)"),
@@ -550,6 +551,7 @@ def profile_batch(bench: Bench, n: int, batch_size: int) -> dict[str, Any]:
         out["profiled_run"] = bench.run_tracked(
             n, 1, granularity="batch", batch_size=batch_size
         )
+    profiles.stats("main").dump_stats(RESULTS_DIR / "prefect-profile-batch-flow.pstats")
     stats = profiles.stats("workers")
     if stats is not None:
         stats.dump_stats(RESULTS_DIR / "prefect-profile-batch-tasks.pstats")

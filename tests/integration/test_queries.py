@@ -60,3 +60,18 @@ def test_runnable_query_uses_the_runnable_index(tracker, engine):
             plan = " ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
     assert "ix_tx_stage_runnable" in plan, plan
     assert "TEMP B-TREE" not in plan.upper()  # no sort step: the index order is used
+
+
+def test_postgresql_plans_each_execution_with_its_parameters(engine):
+    """psycopg prepares a statement run five times; a generic plan of a batch's
+    ``uuid IN (...)``, made from an empty table's statistics, scanned every stage."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as first, engine.connect() as second:  # two pooled connections
+        for conn in (first, second):
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+            conn.rollback()
+    with engine.begin() as conn:  # the setting survives a transaction's end
+        conn.exec_driver_sql("SELECT 1")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
