@@ -6,7 +6,7 @@ flows check that the schema is current (``check_schema``) instead of changing it
 
 SQLite (the embedded default) is set up for several processes: WAL, a busy timeout and
 ``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of failing. PostgreSQL
-uses psycopg 3.
+uses psycopg 3, each connection planning every statement with its own parameters.
 
 Example:
     engine = connect("sqlite:///tracking.db", migrate=True)   # created and migrated
