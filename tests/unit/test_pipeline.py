@@ -33,4 +33,3 @@ def test_the_estimate_follows_a_platform_that_slows_down():
     for _ in range(20):
         step.finished(2.0)
     assert step.rounds_ahead() == 1
-
