@@ -155,7 +155,6 @@ class TxProcess(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("process_code", "fingerprint", name="uq_tx_process_fingerprint"),
         sa.Index("ix_tx_process_process_state", "process_code", "state"),
-        sa.Index("ix_tx_process_created_at", "created_at"),
         # Covers the summary reports (index-only scans of a time window).
         sa.Index("ix_tx_process_window", "created_at", "process_code", "state"),
         # A purge walks a process's finished transactions oldest first, a chunk at a time.
@@ -234,7 +233,6 @@ class TxStage(SQLModel, table=True):
             sqlite_where=sa.text("lease_expires_at IS NOT NULL"),
             postgresql_where=sa.text("lease_expires_at IS NOT NULL"),
         ),
-        sa.Index("ix_tx_stage_process_state", "process_code", "platform", "stage", "state"),
         # Covers the stage reports (index-only scans of a time window).
         sa.Index(
             "ix_tx_stage_window",
