@@ -1,4 +1,4 @@
-"""``store.sql.execute_many``: a batch written without SQLAlchemy's per-row parameter
+"""``store.sql.execute_many`` and ``execute_grouped``: a batch written without SQLAlchemy's per-row parameter
 handling stores exactly what ``conn.execute(statement, rows)`` stores (timestamps in the
 dialect's own format, which SQLite compares as text; states by name; NULLs)."""
 
@@ -11,7 +11,18 @@ import pytest
 import sqlalchemy as sa
 
 from tracking.models import EventKind, TxState
-from tracking.store.sql import EVENT, INSERT_EVENT, INSERT_EVENTS, execute_many
+from tests.integration.test_queries import count_statements
+from tracking.store.sql import (
+    CHUNK,
+    EVENT,
+    INSERT_EVENT,
+    INSERT_EVENTS,
+    TX,
+    UPDATE_TX,
+    UPDATE_TXS,
+    execute_grouped,
+    execute_many,
+)
 
 ROUND = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # no microseconds: SQLite's driver drops them
 
@@ -54,3 +65,24 @@ def test_it_stores_what_conn_execute_stores(tracker):
 def test_it_refuses_rows_that_leave_out_a_column_with_a_default(tracker):
     with tracker.engine.begin() as conn, pytest.raises(ValueError, match="every value must"):
         execute_many(conn, sa.insert(EVENT).inline(), [{"uuid": "u", "kind": EventKind.CREATED}])
+
+
+def test_execute_grouped_writes_each_row_with_one_statement_per_shared_set_of_values(tracker):
+    """Rows sharing every value but the key run as one ``IN`` statement per group (per
+    CHUNK), the others as one executemany: every row ends as one UPDATE each would leave it."""
+    uuids = sorted(i.uuid for i in tracker.start_many(
+        "CANCELLATION", [{"request_id": f"G{k}"} for k in range(CHUNK + 7)]))
+    at = ROUND + timedelta(hours=2)
+    # CHUNK + 3 rows alike (two statements), 2 alike, 2 alone (one executemany).
+    wanted = {u: {"state": TxState.COMPLETED, "updated_at": at} for u in uuids[: CHUNK + 3]}
+    wanted.update({u: {"state": TxState.REJECTED, "updated_at": at} for u in uuids[CHUNK + 3:-2]})
+    wanted[uuids[-2]] = {"state": TxState.REJECTED, "updated_at": at + timedelta(seconds=1)}
+    wanted[uuids[-1]] = {"state": TxState.CANCELLED, "updated_at": at}
+    rows = [{"b_uuid": u, **values} for u, values in wanted.items()]
+    with count_statements(tracker.engine) as seen, tracker.engine.begin() as conn:
+        execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", rows)
+    assert len(seen) == 4, seen
+    with tracker.engine.connect() as conn:
+        stored = {r.uuid: {"state": r.state, "updated_at": r.updated_at} for r in conn.execute(
+            sa.select(TX.c.uuid, TX.c.state, TX.c.updated_at))}
+    assert stored == wanted

@@ -24,6 +24,8 @@ from tracking.store.sql import (
     STAGE,
     TX,
     UPDATE_TX,
+    UPDATE_TXS,
+    execute_grouped,
     execute_many,
     lock,
     policy_of,
@@ -60,16 +62,16 @@ _LOCK_TXS_OF = (
 )
 _STAGE_COLUMNS = ("state", "attempt", "next_attempt_at", "lease_expires_at", "started_at",
                   "error_code", "error_type", "error_description", "updated_at", "finished_at")
-_UPDATE_STAGES = (
-    sa.update(STAGE)
-    .where(STAGE.c.id == sa.bindparam("b_id"))
-    .values({c: sa.bindparam(f"v_{c}") for c in _STAGE_COLUMNS})
-)
-_UNLOCK_STAGES = (
-    sa.update(STAGE)
-    .where(STAGE.c.id == sa.bindparam("b_id"), STAGE.c.state == StageState.PENDING)
-    .values(next_attempt_at=sa.bindparam("v_now"), updated_at=sa.bindparam("v_now"))
-)
+# Each write by id, and (``execute_grouped``) by a list of ids sharing its values.
+_BY_ID = STAGE.c.id == sa.bindparam("b_id")
+_BY_IDS = STAGE.c.id.in_(sa.bindparam("b_ids", expanding=True))
+_SET_STAGE = {c: sa.bindparam(f"v_{c}") for c in _STAGE_COLUMNS}
+_UPDATE_STAGES = sa.update(STAGE).where(_BY_ID).values(_SET_STAGE)
+_UPDATE_STAGES_IN = sa.update(STAGE).where(_BY_IDS).values(_SET_STAGE)
+_UNLOCK = {"next_attempt_at": sa.bindparam("v_now"), "updated_at": sa.bindparam("v_now")}
+_PENDING = STAGE.c.state == StageState.PENDING
+_UNLOCK_STAGES = sa.update(STAGE).where(_BY_ID, _PENDING).values(_UNLOCK)
+_UNLOCK_STAGES_IN = sa.update(STAGE).where(_BY_IDS, _PENDING).values(_UNLOCK)
 # The other stages of a rejected transaction still to run (the earlier ones are done).
 _CANCEL_REST = (
     sa.update(STAGE)
@@ -173,10 +175,12 @@ def apply_many(
                      error_type=result.error_type, error_description=result.description,
                      updated_at=now, finished_at=finished_at)
         out.append(from_row(TxStage, stage))
-    writes = [(_UPDATE_STAGES, stage_rows), (_UNLOCK_STAGES, unlock), (_CANCEL_REST, cancel),
-              *((UPDATE_TX, rows) for rows in txs_by_columns.values()), (INSERT_EVENTS, events)]
-    for statement, params in writes:
-        execute_many(conn, statement, params)
+    execute_grouped(conn, _UPDATE_STAGES, _UPDATE_STAGES_IN, "b_id", stage_rows)
+    execute_grouped(conn, _UNLOCK_STAGES, _UNLOCK_STAGES_IN, "b_id", unlock)
+    execute_many(conn, _CANCEL_REST, cancel)
+    for rows in txs_by_columns.values():
+        execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", rows)
+    execute_many(conn, INSERT_EVENTS, events)
     return out
 
 

@@ -42,6 +42,7 @@ LOCK_TX = sa.select(TX).where(TX.c.uuid == sa.bindparam("b_uuid")).with_for_upda
 # SET clauses come from the column names in the parameters of each call.
 UPDATE_STAGE = sa.update(STAGE).where(STAGE.c.id == sa.bindparam("b_id"))
 UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
+UPDATE_TXS = sa.update(TX).where(TX.c.uuid.in_(sa.bindparam("b_uuids", expanding=True)))
 # A stage IN_PROGRESS is either reserved (no attempt started yet) or running an attempt.
 RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
 
@@ -97,6 +98,28 @@ def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, A
         names = [name for name, _, _ in form.params]
         params = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
     conn.exec_driver_sql(form.sql, params)
+
+
+def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
+                    rows: Sequence[Mapping[str, Any]]) -> None:
+    """Run ``one`` (``WHERE <key column> = :key``) for each row, as few statements as the
+    rows' values allow: rows that give the same values but ``key`` (a batch's results mostly
+    do: the same state, timestamps and attempt) run as ``many`` (``WHERE <key column> IN
+    :<key>s``), one statement per ``CHUNK``; the rest as one ``execute_many`` of ``one``.
+    Either way every row is written; a set-based statement is cheaper per row (one plan, one
+    execution) and fires a statement trigger once."""
+    groups: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
+    for row in rows:
+        values = tuple((k, v) for k, v in row.items() if k != key)
+        groups.setdefault(values, []).append(row[key])
+    alone = []
+    for values, keys in groups.items():
+        if len(keys) == 1:
+            alone.append({key: keys[0], **dict(values)})
+            continue
+        for i in range(0, len(keys), CHUNK):
+            conn.execute(many, {f"{key}s": keys[i : i + CHUNK], **dict(values)})
+    execute_many(conn, one, alone)
 
 
 def _convert(values: list[Any], process: Callable[[Any], Any]) -> None:
