@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid as uuid_lib
 from datetime import timedelta
 
 import pytest
@@ -47,6 +48,17 @@ def test_start_creates_every_stage_in_order(tracker):
     ]
     assert [e.kind for e in tx.events] == [EventKind.CREATED]
     assert tx.created_at.tzinfo is not None
+
+
+def test_uuids_sort_in_the_order_transactions_were_taken_in(tracker):
+    """UUIDv7: the uuid indexes take new transactions at their end (not on a random page)."""
+    uuids = [tracker.start_or_resume(P, {"request_id": "O-0"})[0]]
+    for k in range(3):
+        uuids += [i.uuid for i in tracker.start_many(
+            P, [{"request_id": f"O-{k}-{j}"} for j in range(200)])]
+    uuids.append(tracker.start_or_resume(P, {"request_id": "O-last"})[0])
+    assert uuids == sorted(uuids)
+    assert {uuid_lib.UUID(u).version for u in uuids} == {7}
 
 
 def test_duplicate_returns_existing_transaction(tracker):

@@ -8,13 +8,13 @@ deadline); the schedule is written on the transaction and on each of its stages.
 
 from __future__ import annotations
 
-import uuid as uuid_lib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+import uuid_utils
 from sqlalchemy.engine import Connection, Engine
 
 from tracking.catalog import Process
@@ -50,6 +50,19 @@ _INSERT_ONE_TRANSACTION = (
     .bindparams(*(sa.bindparam(c, type_=TX.c[c].type) for c in _TX_COLUMNS))
     .columns(TX.c.fingerprint)
 )
+
+
+def new_uuid() -> str:
+    """A new transaction's uuid: a UUIDv7 (RFC 9562), so uuids sort by creation time.
+
+    Every index that starts with the uuid (the transaction's key, its stages', its events')
+    then takes new rows at its end, not on a random page each: a batch of intake writes a
+    few pages instead of one per index and transaction, and the stages of transactions
+    taken in together sit together when a run records them (random uuid4 keys made each
+    intake commit write ~4x the pages on SQLite). Its other bits are random (or a counter:
+    uuids made in the same millisecond sort in order too).
+    """
+    return str(uuid_utils.uuid7())
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ def start_many(
     for payload, fp, key, schedule in prepared:
         if fp not in new_rows:
             new_rows[fp] = {
-                "uuid": str(uuid_lib.uuid4()),
+                "uuid": new_uuid(),
                 "process_code": process.code,
                 "fingerprint": fp,
                 "business_key": key[:200],
