@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import uuid_utils
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from tracking.catalog import Process
@@ -27,7 +28,6 @@ from tracking.store.sql import (
     STAGE,
     TX,
     execute_many,
-    insert_for,
     policy_columns,
 )
 
@@ -39,6 +39,10 @@ _INSERT_STAGES = sa.insert(STAGE).inline()  # for execute_many: no RETURNING
 _TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
                "state", "created_at", "updated_at", "priority", "not_before", "deadline",
                "due_at")
+_INSERT_TRANSACTIONS = {
+    dialect: insert(TX).on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
+    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
 # SQLAlchemy never caches a compiled ON CONFLICT insert; for the one-item path
 # (start_or_resume) the same SQL as text is compiled once and reused.
 _INSERT_ONE_TRANSACTION = (
@@ -131,15 +135,16 @@ def start_many(
     with engine.begin() as conn:
         rows = list(new_rows.values())
         if len(rows) == 1:
-            inserted = conn.execute(_INSERT_ONE_TRANSACTION, rows[0])
+            created = {r.fingerprint for r in conn.execute(_INSERT_ONE_TRANSACTION, rows[0])}
+            existing = _uuids_by_fingerprint(conn, process.code, [
+                fp for fp in new_rows if fp not in created])
         else:
-            insert = insert_for(conn.dialect, TX).on_conflict_do_nothing(
-                index_elements=["process_code", "fingerprint"]
-            )
-            inserted = conn.execute(insert.returning(TX.c.fingerprint), rows)
-        created = {r.fingerprint for r in inserted}
-        duplicates = [fp for fp in new_rows if fp not in created]
-        existing = _uuids_by_fingerprint(conn, process.code, duplicates)
+            # Many rows: one executemany that skips the fingerprints already taken, then one
+            # read of every fingerprint's uuid: a row holding the uuid made here is new (an
+            # ON CONFLICT insert with RETURNING is compiled anew on every call).
+            execute_many(conn, _INSERT_TRANSACTIONS[conn.dialect.name], rows)
+            existing = _uuids_by_fingerprint(conn, process.code, list(new_rows))
+            created = {fp for fp, row in new_rows.items() if existing[fp] == row["uuid"]}
         if created:
             txs = [row for fp, row in new_rows.items() if fp in created]
             _insert_stages(conn, process, txs, starts, now)
