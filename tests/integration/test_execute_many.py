@@ -1,6 +1,7 @@
-"""``store.sql.execute_many`` and ``execute_grouped``: a batch written without SQLAlchemy's per-row parameter
-handling stores exactly what ``conn.execute(statement, rows)`` stores (timestamps in the
-dialect's own format, which SQLite compares as text; states by name; NULLs)."""
+"""``store.sql.execute_many`` and ``execute_grouped``: a batch written without SQLAlchemy's
+per-row parameter handling stores exactly what ``conn.execute(statement, rows)`` stores
+(timestamps in the dialect's own format, which SQLite compares as text; states by name;
+NULLs)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from tracking.models import EventKind, TxState
 from tests.integration.test_queries import count_statements
+from tracking.models import EventKind, TxState
 from tracking.store.sql import (
     CHUNK,
     EVENT,

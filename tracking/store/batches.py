@@ -28,10 +28,10 @@ from tracking.store.sql import (
     execute_grouped,
     execute_many,
     lock,
-    policy_of,
+    policy_in,
     tx_changes,
 )
-from tracking.store.transitions import check_can_complete, find_stage
+from tracking.store.transitions import find_stage, lease_lost
 
 # The stages recorded are locked and read by name, less the columns every result
 # overwrites (fewer values to convert, which is most of a batch's time), with the id of
@@ -135,18 +135,17 @@ def apply_many(
     txs_by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}  # one UPDATE per SET
     for c in completions:
         tx, row = txs[c.uuid], recorded[c.uuid]
-        try:
-            check_can_complete(row, owner, now)
-        except LeaseLost as exc:
-            out.append(exc)
-            continue
         stage = dict(zip(keys, row, strict=False))  # read once: a Row's attributes cost more
+        # check_can_complete's rule with an owner, on the dict
+        if stage["state"] != StageState.IN_PROGRESS or stage["lease_owner"] != owner:
+            out.append(lease_lost(row, owner))
+            continue
         result, target, next_id = c.result, stage["id"], row.next_id
         started_at = stage["started_at"]
         attempt = stage["attempt"] if started_at is not None else stage["attempt"] + 1
         started_at = started_at or now
         t = decide(StageFacts(attempt, stage["attempts_allowed"], is_last=next_id is None),
-                   tx.state, result, policy_of(row), now, rng)
+                   tx.state, result, policy_in(stage), now, rng)
         finished_at = now if t.finished else stage["finished_at"]
         stage_rows.append({
             "b_id": target, "v_state": t.stage_state, "v_attempt": attempt,

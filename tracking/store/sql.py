@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -108,17 +109,21 @@ def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
     :<key>s``), one statement per ``CHUNK``; the rest as one ``execute_many`` of ``one``.
     Either way every row is written; a set-based statement is cheaper per row (one plan, one
     execution) and fires a statement trigger once."""
-    groups: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
+    if not rows:
+        return
+    names = [k for k in rows[0] if k != key]
+    values_of = operator.itemgetter(*names)
+    groups: dict[Any, list[Any]] = {}
     for row in rows:
-        values = tuple((k, v) for k, v in row.items() if k != key)
-        groups.setdefault(values, []).append(row[key])
+        groups.setdefault(values_of(row), []).append(row[key])
     alone = []
     for values, keys in groups.items():
+        given = dict(zip(names, values if len(names) > 1 else (values,), strict=True))
         if len(keys) == 1:
-            alone.append({key: keys[0], **dict(values)})
+            alone.append({key: keys[0], **given})
             continue
         for i in range(0, len(keys), CHUNK):
-            conn.execute(many, {f"{key}s": keys[i : i + CHUNK], **dict(values)})
+            conn.execute(many, {f"{key}s": keys[i : i + CHUNK], **given})
     execute_many(conn, one, alone)
 
 
@@ -219,6 +224,12 @@ def policy_of(row: Any) -> RetryPolicy:
     """The retry policy a stage row runs under (its cap is ``attempts_allowed``)."""
     return _policy(row.retry_delay_seconds, row.retry_backoff, row.retry_max_delay_seconds,
                    row.retry_jitter_seconds)
+
+
+def policy_in(stage: Mapping[str, Any]) -> RetryPolicy:
+    """``policy_of`` for a stage read as a dict."""
+    return _policy(stage["retry_delay_seconds"], stage["retry_backoff"],
+                   stage["retry_max_delay_seconds"], stage["retry_jitter_seconds"])
 
 
 @functools.lru_cache(maxsize=256)

@@ -74,15 +74,18 @@ def find_stage(stages: list[Row[Any]], uuid: str, platform: str, stage: str | No
     )
 
 
+def lease_lost(row: Any, owner: str) -> LeaseLost:
+    """The error for a stage ``owner`` no longer holds."""
+    return LeaseLost(f"{label(row)} is no longer claimed by {owner!r} "
+                     f"(state {StageState(row.state).value}, owner {row.lease_owner!r})")
+
+
 def check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
     """Refuse to record an attempt on a stage that is not this caller's to record."""
     state = StageState(row.state)
     if owner is not None:
         if state != StageState.IN_PROGRESS or row.lease_owner != owner:
-            raise LeaseLost(
-                f"{label(row)} is no longer claimed by {owner!r} "
-                f"(state {state.value}, owner {row.lease_owner!r})"
-            )
+            raise lease_lost(row, owner)
         return
     if state in FINAL_STAGE_STATES:
         raise InvalidTransition(f"{label(row)} is already {state.value}")
