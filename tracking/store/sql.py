@@ -29,6 +29,7 @@ EVENT = TxEvent.__table__
 MAX_OWNER_LENGTH = 100
 MAX_CLAIM = 10_000  # most stages one claim may reserve
 CHUNK = 500  # ids per IN list
+GROUP = 8  # fewest rows alike that execute_grouped writes with one IN statement
 
 INSERT_EVENT = sa.insert(EVENT)
 # For execute_many: no RETURNING of the new id on PostgreSQL.
@@ -104,11 +105,11 @@ def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, A
 def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
                     rows: Sequence[Mapping[str, Any]]) -> None:
     """Run ``one`` (``WHERE <key column> = :key``) for each row, as few statements as the
-    rows' values allow: rows that give the same values but ``key`` (a batch's results mostly
-    do: the same state, timestamps and attempt) run as ``many`` (``WHERE <key column> IN
-    :<key>s``), one statement per ``CHUNK``; the rest as one ``execute_many`` of ``one``.
-    Either way every row is written; a set-based statement is cheaper per row (one plan, one
-    execution) and fires a statement trigger once."""
+    rows' values allow: ``GROUP`` or more rows that give the same values but ``key`` (a
+    batch's results mostly do: the same state, timestamps and attempt) run as ``many``
+    (``WHERE <key column> IN :<key>s``), one statement per ``CHUNK``; the rest as one
+    ``execute_many`` of ``one``. Either way every row is written; a set-based statement is
+    cheaper per row (one plan, one execution), a few rows cheaper in the executemany."""
     if not rows:
         return
     names = [k for k in rows[0] if k != key]
@@ -119,8 +120,8 @@ def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
     alone = []
     for values, keys in groups.items():
         given = dict(zip(names, values if len(names) > 1 else (values,), strict=True))
-        if len(keys) == 1:
-            alone.append({key: keys[0], **given})
+        if len(keys) < GROUP:
+            alone += ({key: k, **given} for k in keys)
             continue
         for i in range(0, len(keys), CHUNK):
             conn.execute(many, {f"{key}s": keys[i : i + CHUNK], **given})
