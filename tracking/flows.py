@@ -48,6 +48,7 @@ from tracking.db import check_schema, connect, normalise_url
 from tracking.decorator import Claim, concurrency_limit_name, tracked_task
 from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
+from tracking.memory import startup_objects_frozen
 from tracking.pipeline import (
     RESERVATION_SECONDS,
     Budget,
@@ -55,7 +56,6 @@ from tracking.pipeline import (
     Heartbeat,
     Options,
     Pipeline,
-    startup_objects_frozen,
 )
 from tracking.prefect_events import send_outcome_events
 from tracking.reports.counts import fold

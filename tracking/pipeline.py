@@ -12,13 +12,11 @@ attempt started, else released with its attempts intact.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,32 +63,6 @@ def run_batch(
     process = contexts[0].process
     limit = concurrency_limit_name(process, platform.code) if platform.concurrency else None
     return execute_batch(platform.fn, contexts, limit)
-
-
-@contextmanager
-def startup_objects_frozen() -> Iterator[None]:
-    """Keep the garbage collector off the objects that exist when a run starts (Prefect's,
-    SQLAlchemy's, the modules': ~190k of them) until it ends: a busy run's objects that
-    live through a batch are promoted fast enough to trigger a full collection every few
-    thousand stages, and each of those walked them all (~13% of a batch workload's time).
-    The run's own objects are collected as usual; nothing is kept beyond the run. A process
-    that froze its objects itself (``gc.freeze()`` after start-up) is left as it is.
-
-    The garbage is collected before the objects are frozen and again once they are not,
-    while the run's process is still whole: a frozen object that became garbage during the
-    run (a connection of a pool, say) is then finalized here, as it would have been during
-    the run, not by a later collection at a worse time (as the process shuts down, its
-    event loops closed)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        gc.collect()
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""A resume run keeps the garbage collector off the objects it started with, and only for
-the run (``tracking.pipeline.startup_objects_frozen``)."""
+"""A resume run and the API keep the garbage collector off the objects they started with,
+and only while they work (``tracking.memory.startup_objects_frozen``)."""
 
 from __future__ import annotations
 
 import gc
 
-from tracking.pipeline import startup_objects_frozen
+from tracking.memory import startup_objects_frozen
 
 
 def test_a_run_freezes_the_objects_it_starts_with_and_unfreezes_them_after():
