@@ -49,14 +49,7 @@ from tracking.decorator import Claim, concurrency_limit_name, tracked_task
 from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
 from tracking.memory import startup_objects_frozen
-from tracking.pipeline import (
-    RESERVATION_SECONDS,
-    Budget,
-    Granularity,
-    Heartbeat,
-    Options,
-    Pipeline,
-)
+from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
 from tracking.prefect_events import send_outcome_events
 from tracking.reports.counts import fold
 from tracking.settings import Settings, database_url

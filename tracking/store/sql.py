@@ -109,7 +109,8 @@ def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
     batch's results mostly do: the same state, timestamps and attempt) run as ``many``
     (``WHERE <key column> IN :<key>s``), one statement per ``CHUNK``; the rest as one
     ``execute_many`` of ``one``. Either way every row is written; a set-based statement is
-    cheaper per row (one plan, one execution), a few rows cheaper in the executemany."""
+    cheaper per row (one plan, one execution), a few rows cheaper in the executemany. Every
+    row gives the same keys, and hashable values."""
     if not rows:
         return
     names = [k for k in rows[0] if k != key]
