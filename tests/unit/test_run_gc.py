@@ -22,6 +22,7 @@ def test_a_process_that_froze_its_objects_itself_keeps_them_frozen():
         frozen = gc.get_freeze_count()
         with startup_objects_frozen():
             pass
-        assert gc.get_freeze_count() == frozen
+        # still frozen (unfreezing would leave 0; a frozen object freed meanwhile leaves it)
+        assert gc.get_freeze_count() > frozen // 2
     finally:
         gc.unfreeze()
