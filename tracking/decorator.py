@@ -113,13 +113,17 @@ class TxContext:
         self.stage = stage
         self.attempt = attempt
         self.business_key = business_key
-        self.logger = logger or logging.getLogger(f"tracking.platform.{platform or 'test'}")
+        self.logger = logger or _platform_logger(platform)
         self.claim = claim
         # Set by the tracked task for its run's bookkeeping: the stage as this attempt
         # recorded it (None when it recorded nothing: skipped, or ended before recording).
         self.recorded: TxStage | None = None
         # The transaction's state when its stage was claimed (to take back an attempt).
         self.claimed_state = TxState.PENDING
+        # When this attempt started (None while only reserved), and whether the platform
+        # function was called: an attempt started but never called is taken back.
+        self.started_at: datetime | None = None
+        self.called = False
 
     @classmethod
     def of(cls, stage: TxStage, claim: Claim) -> TxContext:
@@ -146,6 +150,7 @@ class TxContext:
                       stage=r.stage, attempt=r.attempt, business_key=r.business_key,
                       claim=claim)
         context.claimed_state = r.tx_state
+        context.started_at = r.started_at
         return context
 
     def __repr__(self) -> str:
@@ -153,6 +158,12 @@ class TxContext:
             f"TxContext({self.platform}.{self.stage} {self.business_key or self.uuid}, "
             f"attempt={self.attempt})"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _platform_logger(platform: str) -> logging.Logger:
+    # A batch makes hundreds of contexts: the logger is looked up once per platform.
+    return logging.getLogger(f"tracking.platform.{platform or 'test'}")
 
 
 def retry_system_errors(task: Task[..., Any], task_run: Any, state: State[Any]) -> bool:
@@ -171,6 +182,7 @@ def _run_ids() -> tuple[str | None, str | None, int]:
 
 def _call(fn: Callable[[TxContext], Any], tx: TxContext) -> ExecutionResult:
     """Run the platform function and turn whatever happens into a result."""
+    tx.called = True
     try:
         value = fn(tx)
     except Exception as exc:  # any failure of the platform is an outcome, not a crash
@@ -249,8 +261,9 @@ def execute_batch(
     fn: Callable[[TxContext], Any], contexts: list[TxContext], limit: str | None = None
 ) -> int:
     """Run the attempts of a batch of claimed stages of one platform stage and record them
-    together: the attempts start together (``Tracker.start_attempts``), the calls run one
-    after the other, and the results are written at the end in one database transaction
+    together: the attempts start together (already with their reservation,
+    ``Tracker.reserve(start=True)``, or here with ``Tracker.start_attempts``), the calls run
+    one after the other, and the results are written at the end in one database transaction
     (``Tracker.complete_many``); until then the run's heartbeat keeps the leases alive.
     Returns how many were recorded.
 
@@ -269,33 +282,27 @@ def execute_batch(
         logger: Any = get_run_logger()
     except Exception:  # outside a run context (batch helpers in tests)
         logger = contexts[0].logger
-    if claim.stopping.is_set():
-        return 0
-    first = contexts[0]
-    since = tracker.clock()
-    attempts = tracker.start_attempts(first.platform, first.stage, [tx.uuid for tx in contexts],
-                                      owner=claim.owner, lease_seconds=claim.lease_seconds)
-    started = [tx for tx in contexts if tx.uuid in attempts]
-    for tx in contexts:
-        if tx.uuid not in attempts:
-            logger.warning("not started: stage %s.%s of transaction %s is no longer reserved "
-                           "by %r", tx.platform, tx.stage, tx.uuid, claim.owner)
+    reserved = [tx for tx in contexts if tx.started_at is None]
+    if reserved and not claim.stopping.is_set():
+        _start(tracker, claim, reserved, logger)
+    started = [tx for tx in contexts if tx.started_at is not None]
     with claim.lock:
-        claim.awaiting.update(attempts)
+        claim.awaiting.update(tx.uuid for tx in started)
     completions: list[Completion] = []
     try:
         for tx in started:
             if claim.stopping.is_set():
                 break
-            tx.attempt, tx.logger = attempts[tx.uuid], logger
+            tx.logger = logger
             with session(limit):
                 result = _call(fn, tx)
             completions.append(Completion(tx.uuid, tx.platform, tx.stage, result, task_run_id))
-        recorded = tracker.complete_many(completions, owner=claim.owner, flow_run_id=flow_run_id)
+        recorded = tracker.complete_many(completions, owner=claim.owner,
+                                         flow_run_id=flow_run_id) if completions else []
     finally:
         with claim.lock:
-            claim.awaiting.difference_update(attempts)
-        _take_back(tracker, started[len(completions):], since, logger)
+            claim.awaiting.difference_update(tx.uuid for tx in started)
+        take_back(tracker, started[len(completions):], logger)
     for tx, stage in zip(started, recorded, strict=False):
         if isinstance(stage, LeaseLost):
             logger.warning("attempt not recorded: %s", stage)
@@ -304,20 +311,37 @@ def execute_batch(
     return sum(tx.recorded is not None for tx in started)
 
 
-def _take_back(tracker: Tracker, uncalled: list[TxContext], since: datetime,
-               logger: Any) -> None:
-    """Uncount the started attempts of a batch whose platform was not called."""
+def _start(tracker: Tracker, claim: Claim, reserved: list[TxContext], logger: Any) -> None:
+    """Start the attempts of reserved stages of a batch (``started_at`` set on each one
+    started; a stage no longer reserved by the run is not)."""
+    first, since = reserved[0], tracker.clock()
+    attempts = tracker.start_attempts(first.platform, first.stage, [tx.uuid for tx in reserved],
+                                      owner=claim.owner, lease_seconds=claim.lease_seconds)
+    for tx in reserved:
+        if tx.uuid in attempts:
+            tx.attempt, tx.started_at = attempts[tx.uuid], since
+        else:
+            logger.warning("not started: stage %s.%s of transaction %s is no longer reserved "
+                           "by %r", tx.platform, tx.stage, tx.uuid, claim.owner)
+
+
+def take_back(tracker: Tracker, uncalled: list[TxContext], logger: Any) -> int:
+    """Uncount the started attempts of a batch whose platform was not called (each stage
+    reserved by the run again, attempt and transaction state as claimed: the run then
+    releases them). Returns how many were taken back."""
     if not uncalled:
-        return
+        return 0
     first, claim = uncalled[0], uncalled[0].claim
     assert claim is not None
     before = {tx.uuid: tx.claimed_state for tx in uncalled}
+    since = min(tx.started_at for tx in uncalled if tx.started_at is not None)
     try:
-        tracker.unstart(first.platform, first.stage, before, owner=claim.owner,
-                        since=since)
+        return tracker.unstart(first.platform, first.stage, before, owner=claim.owner,
+                               since=since)
     except Exception as exc:  # their leases expire; each is then recorded as lost, once
         logger.warning("could not take back %d attempts not called: %s: %s", len(uncalled),
                        type(exc).__name__, exc)
+        return 0
 
 
 def state_for(result: ExecutionResult, stage: TxStage) -> State[Any]:

@@ -34,6 +34,7 @@ from tracking.decorator import (
     concurrency_limit_name,
     execute_batch,
     record_unfinished,
+    take_back,
 )
 from tracking.models import StageState, TxStage
 from tracking.store import MAX_CLAIM, Tracker
@@ -267,14 +268,19 @@ class Pipeline:
             ahead = o.concurrency * step.rounds_ahead() if unit == 1 else 0
             want = min((free + ahead) * unit, budget.room(self.claimed),
                        o.batch_size if unit == 1 else free * unit)
+            # A batch of an idempotent platform is submitted now and called at once: its
+            # attempts start with the claim (one database transaction less per batch).
+            start = unit > 1 and step.platform.idempotent and step.platform.fn is not None
             claimed = self.tracker.reserve(
                 o.process, step.platform.code, step.stage, owner=self.claim.owner,
-                uuid=o.uuid, limit=want, lease_seconds=self.reserve_seconds,
+                uuid=o.uuid, limit=want, start=start,
+                lease_seconds=self.claim.lease_seconds if start else self.reserve_seconds,
             )
             step.drained = not claimed
             self.claimed += len(claimed)
-            self._attempts_before.update(((c.uuid, c.platform, c.stage), c.attempt)
-                                         for c in claimed)
+            self._attempts_before.update(
+                ((c.uuid, c.platform, c.stage), c.attempt - (c.started_at is not None))
+                for c in claimed)
             step.waiting.extend(TxContext.of_reservation(c, self.claim) for c in claimed)
         return None
 
@@ -317,18 +323,23 @@ class Pipeline:
         self, contexts: list[tuple[TxContext, _Job]], stages: list[TxStage]
     ) -> list[str]:
         """Record or tally the stages a task run left unrecorded; the uuids to release."""
-        unstarted = []
+        unstarted, uncalled = [], []
         for (tx, job), stage in zip(contexts, stages, strict=True):
             mine = stage.lease_owner == self.claim.owner
             if stage.state == StageState.IN_PROGRESS and mine:
                 if stage.started_at is None:
                     unstarted.append(tx.uuid)
                     continue
+                if not tx.called:  # started with its claim, never called: take it back
+                    tx.started_at = stage.started_at
+                    uncalled.append(tx)
+                    continue
                 why = f"the task run ended without recording its attempt ({job.ending()})"
                 stage = record_unfinished(self.tracker, tx, why) or stage
             if mine:
                 self._tally(tx, stage)
-        return unstarted
+        take_back(self.tracker, uncalled, logging.getLogger("tracking.pipeline"))
+        return unstarted + [tx.uuid for tx in uncalled]  # released if taken back
 
     def _tally(self, tx: TxContext, stage: TxStage) -> None:
         """Count what this run attempted (not a stage it skipped or another run took)."""

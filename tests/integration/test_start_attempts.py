@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -85,6 +86,58 @@ def test_a_stopping_batch_calls_nothing_more_and_keeps_the_attempts_of_what_it_d
     assert tracker.release(P, owner="run-1") == 3
     assert {tracker.get_transaction(c.uuid).stages[0].state for c in contexts[2:]} == {
         StageState.PENDING}
+
+
+def test_reserve_with_start_starts_the_attempts_with_the_reservation(engine, clock):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"R{i}"} for i in range(3)])
+    now = tracker.clock()
+    batch = tracker.reserve(P, "A", owner="run-1", limit=2, lease_seconds=90, start=True)
+    assert [(r.business_key, r.attempt, r.tx_state, r.started_at) for r in batch] == [
+        ("R0", 1, TxState.PENDING, now), ("R1", 1, TxState.PENDING, now)]
+    assert _rows(tracker) == [
+        ("R0", "IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("R1", "IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("R2", "PENDING", "PENDING", 0, False),
+    ]
+    # Leased as an attempt (not renewed as a reservation), and started once only.
+    (stage, *_) = tracker.get_transaction(batch[0].uuid).stages
+    assert stage.lease_expires_at == now + timedelta(seconds=90)
+    assert tracker.start_attempts("A", "validate", [batch[0].uuid], owner="run-1") == {}
+    # What is not called goes back as it was claimed.
+    before = {r.uuid: r.tx_state for r in batch}
+    assert tracker.unstart("A", "validate", before, owner="run-1", since=now) == 2
+    assert tracker.release(P, owner="run-1") == 2
+    assert _rows(tracker) == [(f"R{i}", "PENDING", "PENDING", 0, False) for i in range(3)]
+
+
+def test_a_batch_started_with_its_claim_is_taken_back_whole_when_the_run_stops_first(
+    engine, clock
+):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"T{i}"} for i in range(3)])
+    claim = Claim(tracker, "run-1", 60)
+    batch = tracker.reserve(P, "A", owner="run-1", limit=3, start=True)
+    contexts = [TxContext.of_reservation(r, claim) for r in batch]
+    called: list[str] = []
+    claim.stopping.set()  # the run stops before the batch's task run begins
+    assert execute_batch(lambda tx: called.append(tx.business_key) or 0, contexts) == 0
+    assert called == [] and not any(tx.called for tx in contexts)
+    assert _rows(tracker) == [(f"T{i}", "PENDING", "IN_PROGRESS", 0, False) for i in range(3)]
+    assert tracker.release(P, owner="run-1") == 3
+
+
+def test_a_batch_started_with_its_claim_calls_each_stage_once_with_its_attempt(engine, clock):
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"C{i}"} for i in range(3)])
+    claim = Claim(tracker, "run-1", 60)
+    contexts = [TxContext.of_reservation(r, claim)
+                for r in tracker.reserve(P, "A", owner="run-1", limit=3, start=True)]
+    seen: list[tuple[str, int]] = []
+    assert execute_batch(lambda tx: seen.append((tx.business_key, tx.attempt)) or 0,
+                         contexts) == 3
+    assert seen == [("C0", 1), ("C1", 1), ("C2", 1)]
+    assert [r[2:4] for r in _rows(tracker)] == [("COMPLETED", 1)] * 3
 
 
 def test_the_heartbeat_renews_a_started_batch_until_it_is_recorded(engine, clock):

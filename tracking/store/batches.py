@@ -5,30 +5,30 @@ handful of set-based statements whatever the batch size, each result decided by
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from tracking.errors import LeaseLost
-from tracking.models import EventKind, StageState, TxStage, from_row
-from tracking.outcomes import ExecutionResult
-from tracking.states import RUNNABLE_STAGE_STATES, StageFacts, decide
+from tracking.models import EventKind, StageState, TxStage, TxState, from_row
+from tracking.outcomes import ExecutionResult, Outcome
+from tracking.states import RUNNABLE_STAGE_STATES, StageFacts, Transition, decide
 from tracking.store.sql import (
-    CHUNK,
     INSERT_EVENTS,
     STAGE,
     TX,
     UPDATE_TX,
     UPDATE_TXS,
+    any_of,
     execute_grouped,
     execute_many,
     lock,
-    policy_in,
+    retry_policy,
     tx_changes,
 )
 from tracking.store.transitions import find_stage, lease_lost
@@ -48,7 +48,7 @@ _NEXT_ID = (
 )
 _LOCK_RECORDED = (
     sa.select(*(c for c in STAGE.c if c.name not in _OVERWRITTEN), _NEXT_ID.label("next_id"))
-    .where(STAGE.c.uuid.in_(sa.bindparam("b_uuids", expanding=True)),
+    .where(any_of(STAGE.c.uuid, "b_uuids"),
            STAGE.c.platform == sa.bindparam("b_platform"),
            STAGE.c.stage == sa.bindparam("b_stage"))
     .order_by(STAGE.c.uuid)
@@ -56,7 +56,7 @@ _LOCK_RECORDED = (
 )
 _LOCK_TXS_OF = (
     sa.select(TX.c.uuid, TX.c.state, TX.c.finished_at)
-    .where(TX.c.uuid.in_(sa.bindparam("b_uuids", expanding=True)))
+    .where(any_of(TX.c.uuid, "b_uuids"))
     .order_by(TX.c.uuid)
     .with_for_update()
 )
@@ -64,7 +64,7 @@ _STAGE_COLUMNS = ("state", "attempt", "next_attempt_at", "lease_expires_at", "st
                   "error_code", "error_type", "error_description", "updated_at", "finished_at")
 # Each write by id, and (``execute_grouped``) by a list of ids sharing its values.
 _BY_ID = STAGE.c.id == sa.bindparam("b_id")
-_BY_IDS = STAGE.c.id.in_(sa.bindparam("b_ids", expanding=True))
+_BY_IDS = any_of(STAGE.c.id, "b_ids")
 _SET_STAGE = {c: sa.bindparam(f"v_{c}") for c in _STAGE_COLUMNS}
 _UPDATE_STAGES = sa.update(STAGE).where(_BY_ID).values(_SET_STAGE)
 _UPDATE_STAGES_IN = sa.update(STAGE).where(_BY_IDS).values(_SET_STAGE)
@@ -82,9 +82,9 @@ _CANCEL_REST = (
             error_description="cancelled: an earlier stage was rejected")
 )
 
-@dataclass(frozen=True)
-class Completion:
-    """One attempt's result for ``Tracker.complete_many``."""
+class Completion(NamedTuple):
+    """One attempt's result for ``Tracker.complete_many`` (a named tuple: a batch makes
+    hundreds)."""
 
     uuid: str
     platform: str
@@ -106,13 +106,114 @@ def apply_many(
     statements whatever the batch size: the stages recorded are locked and read (with the
     id of the stage after each), then their transactions, in uuid order (the global lock
     order); each result is decided by ``states.decide``; the stages, the next stages, the
-    cancelled ones, the transactions and the events are written with one statement each. A
-    stage no longer claimed by ``owner`` is not written: its entry is a ``LeaseLost``."""
+    cancelled ones, the transactions and the events are written with a statement for each
+    set of rows that share their values. A stage no longer claimed by ``owner`` is not
+    written: its entry is a ``LeaseLost``."""
     uuids = [c.uuid for c in completions]
     if len(set(uuids)) != len(uuids):
         raise ValueError("complete_many takes one result per transaction")
-    # Locked in the global order: the stages (by uuid; a transaction's in seq order: the
-    # recorded one, then the ones it unlocks or cancels), then the transactions.
+    recorded, txs = _lock(conn, completions)
+    keys = next(iter(recorded.values()))._fields[:-1]  # the stage's columns, not next_id
+    # Read by position: a Row's attributes cost ~1 us each, and a batch reads thousands.
+    at = {k: i for i, k in enumerate(keys)}
+    id_i, state_i, owner_i, attempt_i, started_i, finished_i, allowed_i = (
+        at[k] for k in ("id", "state", "lease_owner", "attempt", "started_at", "finished_at",
+                        "attempts_allowed"))
+    policy_of = operator.itemgetter(*(at[k] for k in (
+        "retry_delay_seconds", "retry_backoff", "retry_max_delay_seconds",
+        "retry_jitter_seconds")))
+    process_i, platform_i, stage_i, next_i = (at["process_code"], at["platform"], at["stage"],
+                                              len(keys))
+    decisions = _Decisions(now, rng)
+    out: list[TxStage | LeaseLost] = []
+    # Rows alike are written together: the values of a write -> the ids (uuids) it is for.
+    stage_writes: dict[tuple[Any, ...], list[int]] = {}
+    unlock, cancel, events = [], [], []
+    tx_writes: dict[tuple[str, ...], dict[tuple[Any, ...], list[str]]] = {}
+    for c in completions:
+        row = recorded[c.uuid]
+        if row[state_i] != StageState.IN_PROGRESS or row[owner_i] != owner:
+            out.append(lease_lost(row, owner))
+            continue
+        result, target, next_id = c.result, row[id_i], row[next_i]
+        started_at = row[started_i]
+        attempt = row[attempt_i] if started_at is not None else row[attempt_i] + 1
+        started_at = started_at or now
+        tx_state, tx_finished = txs[c.uuid]
+        outcome, error_type = result.outcome, result.error_type
+        t = decisions.decide(policy_of(row), attempt, row[allowed_i], next_id is None,
+                             tx_state, outcome, result)
+        finished_at = now if t.finished else row[finished_i]
+        values = (t.stage_state, attempt, t.next_attempt_at, None, started_at,
+                  result.error_code, error_type, result.description, now, finished_at)
+        stage_writes.setdefault(values, []).append(target)
+        if t.unlock_next:
+            unlock.append(next_id)
+        if t.cancel_rest:
+            cancel.append({"b_uuid": c.uuid, "b_id": target, "v_now": now})
+        changes = decisions.tx_changes(tx_state, tx_finished, t.tx_state)
+        tx_writes.setdefault(tuple(changes), {}).setdefault(tuple(changes.values()),
+                                                            []).append(c.uuid)
+        events.append({
+            "uuid": c.uuid, "process_code": row[process_i], "kind": EventKind.ATTEMPT,
+            "platform": row[platform_i], "stage": row[stage_i], "attempt": attempt,
+            "outcome": outcome, "error_code": result.error_code,
+            "description": result.description, "traceback": result.traceback,
+            "from_state": row[state_i].value, "to_state": t.stage_state.value,
+            "tx_state": t.tx_state, "actor": owner, "flow_run_id": flow_run_id,
+            "task_run_id": c.task_run_id, "started_at": started_at, "created_at": now,
+        })
+        stage = dict(zip(keys, row, strict=False))
+        stage.update(zip(_STAGE_COLUMNS, values, strict=True))
+        out.append(from_row(TxStage, stage))
+    names = [f"v_{c}" for c in _STAGE_COLUMNS]
+    execute_grouped(conn, _UPDATE_STAGES, _UPDATE_STAGES_IN, "b_id", names, stage_writes)
+    execute_grouped(conn, _UNLOCK_STAGES, _UNLOCK_STAGES_IN, "b_id", ["v_now"],
+                    {(now,): unlock} if unlock else {})
+    execute_many(conn, _CANCEL_REST, cancel)
+    for columns, groups in tx_writes.items():
+        execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", list(columns), groups)
+    execute_many(conn, INSERT_EVENTS, events)
+    return out
+
+
+class _Decisions:
+    """``states.decide`` and ``sql.tx_changes`` for a batch: the results of a batch mostly
+    share their inputs (the same outcome, attempt and policy), so each distinct decision is
+    made once. A retry with jitter is drawn for each stage."""
+
+    def __init__(self, now: datetime, rng: random.Random) -> None:
+        self.now, self.rng = now, rng
+        self._made: dict[tuple[Any, ...], Transition] = {}
+        self._changes: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def decide(self, policy_values: tuple[Any, ...], attempt: int, allowed: int | None,
+               is_last: bool, tx_state: TxState, outcome: Outcome, result: ExecutionResult
+               ) -> Transition:
+        policy = retry_policy(*policy_values)
+        key = (attempt, allowed, is_last, tx_state, outcome, policy)
+        t = self._made.get(key)
+        if t is None:
+            t = decide(StageFacts(attempt, allowed, is_last), tx_state, result, policy,
+                       self.now, self.rng)
+            if not (policy.jitter and t.next_attempt_at is not None):
+                self._made[key] = t
+        return t
+
+    def tx_changes(self, state: TxState, finished_at: datetime | None, to: TxState
+                   ) -> dict[str, Any]:
+        key = (state, finished_at is None, to)
+        changes = self._changes.get(key)
+        if changes is None:
+            changes = self._changes[key] = tx_changes(state, finished_at, to, self.now)
+        return changes
+
+
+def _lock(conn: Connection, completions: Sequence[Completion]
+          ) -> tuple[dict[str, Row[Any]], dict[str, tuple[TxState, datetime | None]]]:
+    """Lock and read the recorded stages (by uuid), then their transactions' states, in
+    the global lock order: the stages (by uuid; a transaction's in seq order: the recorded
+    one, then the ones it unlocks or cancels), then the transactions."""
     by_name: dict[tuple[str, str | None], list[str]] = {}
     for c in completions:
         by_name.setdefault((c.platform, c.stage), []).append(c.uuid)
@@ -124,68 +225,12 @@ def apply_many(
             stages, _ = lock(conn, c.uuid)
             row = find_stage(stages, c.uuid, c.platform, c.stage)
             _read_recorded(conn, row.platform, row.stage, [c.uuid], recorded)
-    txs: dict[str, Row[Any]] = {}
-    ordered = sorted(uuids)
-    for i in range(0, len(ordered), CHUNK):
-        txs.update((r.uuid, r) for r in conn.execute(
-            _LOCK_TXS_OF, {"b_uuids": ordered[i : i + CHUNK]}).all())
-    keys = next(iter(recorded.values()))._fields[:-1]  # the stage's columns, not next_id
-    out: list[TxStage | LeaseLost] = []
-    stage_rows, unlock, cancel, events = [], [], [], []
-    txs_by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}  # one UPDATE per SET
-    for c in completions:
-        tx, row = txs[c.uuid], recorded[c.uuid]
-        stage = dict(zip(keys, row, strict=False))  # read once: a Row's attributes cost more
-        # check_can_complete's rule with an owner, on the dict
-        if stage["state"] != StageState.IN_PROGRESS or stage["lease_owner"] != owner:
-            out.append(lease_lost(row, owner))
-            continue
-        result, target, next_id = c.result, stage["id"], row.next_id
-        started_at = stage["started_at"]
-        attempt = stage["attempt"] if started_at is not None else stage["attempt"] + 1
-        started_at = started_at or now
-        t = decide(StageFacts(attempt, stage["attempts_allowed"], is_last=next_id is None),
-                   tx.state, result, policy_in(stage), now, rng)
-        finished_at = now if t.finished else stage["finished_at"]
-        stage_rows.append({
-            "b_id": target, "v_state": t.stage_state, "v_attempt": attempt,
-            "v_next_attempt_at": t.next_attempt_at, "v_lease_expires_at": None,
-            "v_started_at": started_at, "v_error_code": result.error_code,
-            "v_error_type": result.error_type, "v_error_description": result.description,
-            "v_updated_at": now, "v_finished_at": finished_at,
-        })
-        if t.unlock_next:
-            unlock.append({"b_id": next_id, "v_now": now})
-        if t.cancel_rest:
-            cancel.append({"b_uuid": c.uuid, "b_id": target, "v_now": now})
-        changes = tx_changes(tx, t.tx_state, now)
-        txs_by_columns.setdefault(tuple(changes), []).append({"b_uuid": c.uuid, **changes})
-        events.append({
-            "uuid": c.uuid, "process_code": stage["process_code"], "kind": EventKind.ATTEMPT,
-            "platform": stage["platform"], "stage": stage["stage"], "attempt": attempt,
-            "outcome": result.outcome, "error_code": result.error_code,
-            "description": result.description, "traceback": result.traceback,
-            "from_state": stage["state"].value, "to_state": t.stage_state.value,
-            "tx_state": t.tx_state, "actor": owner, "flow_run_id": flow_run_id,
-            "task_run_id": c.task_run_id, "started_at": started_at, "created_at": now,
-        })
-        stage.update(state=t.stage_state, attempt=attempt, next_attempt_at=t.next_attempt_at,
-                     lease_expires_at=None, started_at=started_at, error_code=result.error_code,
-                     error_type=result.error_type, error_description=result.description,
-                     updated_at=now, finished_at=finished_at)
-        out.append(from_row(TxStage, stage))
-    execute_grouped(conn, _UPDATE_STAGES, _UPDATE_STAGES_IN, "b_id", stage_rows)
-    execute_grouped(conn, _UNLOCK_STAGES, _UNLOCK_STAGES_IN, "b_id", unlock)
-    execute_many(conn, _CANCEL_REST, cancel)
-    for rows in txs_by_columns.values():
-        execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", rows)
-    execute_many(conn, INSERT_EVENTS, events)
-    return out
+    found = conn.execute(_LOCK_TXS_OF, {"b_uuids": sorted(recorded)}).all()
+    return recorded, {uuid: (state, finished_at) for uuid, state, finished_at in found}
 
 
 def _read_recorded(conn: Connection, platform: str, stage: str | None, uuids: list[str],
                    into: dict[str, Row[Any]]) -> None:
     """Lock and read the stages ``platform``/``stage`` of these transactions, by uuid."""
-    for i in range(0, len(uuids), CHUNK):
-        params = {"b_uuids": uuids[i : i + CHUNK], "b_platform": platform, "b_stage": stage}
-        into.update((r.uuid, r) for r in conn.execute(_LOCK_RECORDED, params).all())
+    params = {"b_uuids": uuids, "b_platform": platform, "b_stage": stage}
+    into.update((r.uuid, r) for r in conn.execute(_LOCK_RECORDED, params).all())

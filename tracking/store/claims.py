@@ -23,9 +23,8 @@ normal order on ``ix_tx_stage_runnable``: higher priority first, then oldest due
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
@@ -35,7 +34,7 @@ from tracking.errors import LeaseLost
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 from tracking.states import RUNNABLE_STAGE_STATES
 from tracking.store.leases import EXPIRED_RESERVATION, release_in
-from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, as_dicts
+from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, any_of, as_dicts
 
 _START_ATTEMPT = (
     sa.update(STAGE)
@@ -118,11 +117,13 @@ def one_open_stage(uuid: str, platform: str, stage: str) -> sa.Select[Any]:
     )
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """A stage reserved for a run, with what its platform call needs from the transaction
     (``Tracker.reserve``): read narrow, so a batch of them costs a fraction of the whole
-    ``TxStage`` rows ``Tracker.claim`` gives."""
+    ``TxStage`` rows ``Tracker.claim`` gives (and a named tuple: a batch makes hundreds).
+    ``started_at`` is set when its attempt was started with the reservation
+    (``reserve(start=True)``): ``attempt`` is then that attempt's number, and ``tx_state``
+    the transaction's state before it started."""
 
     id: int
     uuid: str
@@ -133,14 +134,18 @@ class Reservation:
     business_key: str
     tx_state: TxState
     payload: dict[str, Any]
+    started_at: datetime | None = None
 
 
 # reserve_where unpacks these by position: change the order in both places.
 _RESERVED_COLUMNS = (STAGE.c.id, STAGE.c.uuid, STAGE.c.process_code, STAGE.c.platform,
                      STAGE.c.stage, STAGE.c.attempt, STAGE.c.priority)
 _TX_OF_RESERVED = sa.select(TX.c.uuid, TX.c.business_key, TX.c.state, TX.c.payload).where(
-    TX.c.uuid.in_(sa.bindparam("b_uuids", expanding=True))
+    any_of(TX.c.uuid, "b_uuids")
 )
+_TXS_STARTED = sa.update(TX).where(
+    any_of(TX.c.uuid, "b_uuids"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]),
+).values(state=TxState.IN_PROGRESS, updated_at=sa.bindparam("b_now"))
 
 
 def _reserve(
@@ -152,12 +157,28 @@ def _reserve(
     release_first: list[Any] | None,
     limit: int | None,
     columns: Sequence[Any],
+    start: bool = False,
 ) -> list[Row[Any]]:
     """The reserving statements of a claim: ``columns`` of the stages reserved, by priority
-    within each query."""
+    within each query; with ``start``, their attempts start too (counted, ``started_at``
+    now)."""
     rows: list[Row[Any]] = []
     if release_first is not None:
         release_in(conn, release_first, EXPIRED_RESERVATION, now, skip_locked=True)
+    values: dict[str, Any] = {
+        "state": StageState.IN_PROGRESS, "next_attempt_at": None, "lease_owner": owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds), "started_at": None,
+        "updated_at": now,
+    }
+    if start:
+        values.update(started_at=now, attempt=STAGE.c.attempt + 1)
+    # By priority, then id (read by position: a Row's attributes cost more).
+    names = [c.name for c in columns]
+    priority, id_ = names.index("priority"), names.index("id")
+
+    def order(row: Row[Any]) -> tuple[int, int]:
+        return -row[priority], row[id_]
+
     for query in queries:
         if limit is not None and len(rows) >= limit:
             break
@@ -169,12 +190,10 @@ def _reserve(
             sa.update(STAGE)
             .where(STAGE.c.id.in_(query.scalar_subquery()))
             .where(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)))
-            .values(state=StageState.IN_PROGRESS, next_attempt_at=None, lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=None, updated_at=now)
+            .values(values)
             .returning(*columns)
         )
-        rows += sorted(conn.execute(claim).all(), key=lambda r: (-r.priority, r.id))
+        rows += sorted(conn.execute(claim).all(), key=order)
     return rows
 
 
@@ -221,18 +240,23 @@ def reserve_where(
     now: datetime,
     release_first: list[Any],
     limit: int,
+    start: bool = False,
 ) -> list[Reservation]:
-    """``claim_where`` for a run: the same reservation, read narrow."""
+    """``claim_where`` for a run: the same reservation, read narrow; with ``start``, the
+    attempts start in the same database transaction (and their transactions are
+    IN_PROGRESS), as ``start_attempts`` would start them right after."""
     with engine.begin() as conn:
         rows = _reserve(conn, list(candidates), owner, lease_seconds, now, release_first,
-                        limit, _RESERVED_COLUMNS)
-        txs: dict[str, tuple[str, TxState, dict[str, Any]]] = {}
-        uuids = [r.uuid for r in rows]
-        for i in range(0, len(uuids), CHUNK):
-            found = conn.execute(_TX_OF_RESERVED, {"b_uuids": uuids[i : i + CHUNK]}).all()
-            txs.update((uuid, (key, state, payload)) for uuid, key, state, payload in found)
+                        limit, _RESERVED_COLUMNS, start)
+        uuids = [r[1] for r in rows]
+        found = conn.execute(_TX_OF_RESERVED, {"b_uuids": uuids}).all() if rows else []
+        txs = {uuid: (key, state, payload) for uuid, key, state, payload in found}
+        if start and rows:  # after reading the states they had: unstart puts them back
+            conn.execute(_TXS_STARTED, {"b_uuids": uuids, "b_now": now})
+    started_at = now if start else None
     # Unpacked as tuples: by far the cheapest way to read a row's values.
-    return [Reservation(id_, uuid, process_code, platform, stage, attempt, *txs[uuid])
+    return [Reservation(id_, uuid, process_code, platform, stage, attempt, *txs[uuid],
+                        started_at)
             for id_, uuid, process_code, platform, stage, attempt, _ in rows]
 
 

@@ -23,17 +23,17 @@ from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
 from tracking.schedule import Item, Schedule
 from tracking.store.sql import (
-    CHUNK,
     INSERT_EVENTS,
     STAGE,
     TX,
+    any_of,
     execute_many,
     policy_columns,
 )
 
 _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
     TX.c.process_code == sa.bindparam("b_process"),
-    TX.c.fingerprint.in_(sa.bindparam("b_fingerprints", expanding=True)),
+    any_of(TX.c.fingerprint, "b_fingerprints"),
 )
 _INSERT_STAGES = sa.insert(STAGE).inline()  # for execute_many: no RETURNING
 _TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
@@ -162,11 +162,10 @@ def start_many(
 def _uuids_by_fingerprint(
     conn: Connection, process_code: str, fingerprints: list[str]
 ) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for i in range(0, len(fingerprints), CHUNK):
-        params = {"b_process": process_code, "b_fingerprints": fingerprints[i : i + CHUNK]}
-        found.update({r.fingerprint: r.uuid for r in conn.execute(_SELECT_FINGERPRINTS, params)})
-    return found
+    if not fingerprints:
+        return {}
+    params = {"b_process": process_code, "b_fingerprints": fingerprints}
+    return dict(conn.execute(_SELECT_FINGERPRINTS, params).all())
 
 
 def _insert_stages(

@@ -7,8 +7,8 @@ form instead of rebuilding and re-hashing a statement on every call.
 from __future__ import annotations
 
 import functools
+import json
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,11 +17,59 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from tracking.errors import TransactionNotFound
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.policy import RetryPolicy
 from tracking.states import FINAL_TX_STATES
+
+
+class _Values(sa.types.TypeDecorator[list[Any]]):
+    """A list bound as one parameter: a JSON array on SQLite (read by ``json_each``), an
+    array on PostgreSQL."""
+
+    impl = sa.types.NullType
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        return json.dumps(list(value)) if dialect.name == "sqlite" else list(value)
+
+
+class _AnyOf(sa.sql.expression.ColumnElement[bool]):
+    """``column IN <the list bound to one parameter>`` (see ``any_of``)."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    _is_implicitly_boolean = True  # a condition as it is (no "= 1" on SQLite)
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
+                           ("values", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: sa.ColumnElement[Any], name: str) -> None:
+        self.column = column
+        self.values = sa.bindparam(name, type_=_Values())
+
+
+@compiles(_AnyOf, "sqlite")
+def _any_of_sqlite(element: _AnyOf, compiler: Any, **kw: Any) -> str:
+    column, values = compiler.process(element.column, **kw), compiler.process(element.values, **kw)
+    return f"{column} IN (SELECT value FROM json_each({values}))"
+
+
+@compiles(_AnyOf, "postgresql")
+def _any_of_postgresql(element: _AnyOf, compiler: Any, **kw: Any) -> str:
+    column, values = compiler.process(element.column, **kw), compiler.process(element.values, **kw)
+    return f"{column} = ANY({values})"
+
+
+def any_of(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+    """``column IN`` the list of values given as parameter ``name``, bound as ONE parameter
+    (a JSON array on SQLite, an array on PostgreSQL): the statement compiles once whatever
+    the list's length, where an expanding ``IN`` renders and converts a parameter per value
+    on every call (the larger part of a batch statement's time in Python)."""
+    return _AnyOf(column, name)
+
 
 TX = TxProcess.__table__
 STAGE = TxStage.__table__
@@ -40,11 +88,16 @@ LOCK_STAGES = (
     .order_by(STAGE.c.seq)
     .with_for_update()
 )
-LOCK_TX = sa.select(TX).where(TX.c.uuid == sa.bindparam("b_uuid")).with_for_update()
+# What the writers read of a transaction they lock (not its payload: a JSON decode each).
+LOCK_TX = (
+    sa.select(TX.c.uuid, TX.c.process_code, TX.c.state, TX.c.finished_at)
+    .where(TX.c.uuid == sa.bindparam("b_uuid"))
+    .with_for_update()
+)
 # SET clauses come from the column names in the parameters of each call.
 UPDATE_STAGE = sa.update(STAGE).where(STAGE.c.id == sa.bindparam("b_id"))
 UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
-UPDATE_TXS = sa.update(TX).where(TX.c.uuid.in_(sa.bindparam("b_uuids", expanding=True)))
+UPDATE_TXS = sa.update(TX).where(any_of(TX.c.uuid, "b_uuids"))
 # A stage IN_PROGRESS is either reserved (no attempt started yet) or running an attempt.
 RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
 
@@ -102,30 +155,22 @@ def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, A
     conn.exec_driver_sql(form.sql, params)
 
 
-def execute_grouped(conn: Connection, one: Any, many: Any, key: str,
-                    rows: Sequence[Mapping[str, Any]]) -> None:
-    """Run ``one`` (``WHERE <key column> = :key``) for each row, as few statements as the
-    rows' values allow: ``GROUP`` or more rows that give the same values but ``key`` (a
-    batch's results mostly do: the same state, timestamps and attempt) run as ``many``
-    (``WHERE <key column> IN :<key>s``), one statement per ``CHUNK``; the rest as one
-    ``execute_many`` of ``one``. Either way every row is written; a set-based statement is
-    cheaper per row (one plan, one execution), a few rows cheaper in the executemany. Every
-    row gives the same keys, and hashable values."""
-    if not rows:
-        return
-    names = [k for k in rows[0] if k != key]
-    values_of = operator.itemgetter(*names)
-    groups: dict[Any, list[Any]] = {}
-    for row in rows:
-        groups.setdefault(values_of(row), []).append(row[key])
+def execute_grouped(conn: Connection, one: Any, many: Any, key: str, names: Sequence[str],
+                    groups: Mapping[tuple[Any, ...], Sequence[Any]]) -> None:
+    """Write rows that share their values together. ``groups`` maps the values of
+    ``names`` to the keys (ids, uuids) of the rows that take them: ``GROUP`` or more keys
+    run as ``many`` (``WHERE <key column> IN`` the list ``<key>s``, one statement; a batch's
+    results mostly share their state, timestamps and attempt), fewer as one ``execute_many``
+    of ``one`` (``WHERE <key column> = :key``, a row each) for all such groups together.
+    Either way every row is written; a set-based statement is cheaper per row (one plan,
+    one execution), a few rows cheaper in the executemany."""
     alone = []
     for values, keys in groups.items():
-        given = dict(zip(names, values if len(names) > 1 else (values,), strict=True))
+        given = dict(zip(names, values, strict=True))
         if len(keys) < GROUP:
             alone += ({key: k, **given} for k in keys)
-            continue
-        for i in range(0, len(keys), CHUNK):
-            conn.execute(many, {f"{key}s": keys[i : i + CHUNK], **given})
+        else:
+            conn.execute(many, {f"{key}s": keys, **given})
     execute_many(conn, one, alone)
 
 
@@ -170,18 +215,21 @@ def lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
 
 def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
-    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid, **tx_changes(tx, state, now)})
+    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid,
+                             **tx_changes(tx.state, tx.finished_at, state, now)})
 
 
-def tx_changes(tx: Row[Any], state: TxState, now: datetime) -> dict[str, Any]:
-    """The columns of ``UPDATE_TX`` that move a transaction to ``state``: only what changes
-    (a state that stays is not written, so its indexes and counts stay untouched)."""
+def tx_changes(state: TxState, finished_at: datetime | None, to: TxState, now: datetime
+               ) -> dict[str, Any]:
+    """The columns of ``UPDATE_TX`` that move a transaction from ``state`` (finished at
+    ``finished_at``) to ``to``: only what changes (a state that stays is not written, so its
+    indexes and counts stay untouched)."""
     values: dict[str, Any] = {"updated_at": now}
-    if state != tx.state:
-        values["state"] = state
-    if state in FINAL_TX_STATES and tx.finished_at is None:
+    if to != state:
+        values["state"] = to
+    if to in FINAL_TX_STATES and finished_at is None:
         values["finished_at"] = now
-    elif state not in FINAL_TX_STATES and tx.finished_at is not None:
+    elif to not in FINAL_TX_STATES and finished_at is not None:
         values["finished_at"] = None
     return values
 
@@ -224,19 +272,21 @@ def policy_columns(policy: RetryPolicy) -> dict[str, Any]:
 
 def policy_of(row: Any) -> RetryPolicy:
     """The retry policy a stage row runs under (its cap is ``attempts_allowed``)."""
-    return _policy(row.retry_delay_seconds, row.retry_backoff, row.retry_max_delay_seconds,
+    return retry_policy(row.retry_delay_seconds, row.retry_backoff, row.retry_max_delay_seconds,
                    row.retry_jitter_seconds)
 
 
 def policy_in(stage: Mapping[str, Any]) -> RetryPolicy:
     """``policy_of`` for a stage read as a dict."""
-    return _policy(stage["retry_delay_seconds"], stage["retry_backoff"],
+    return retry_policy(stage["retry_delay_seconds"], stage["retry_backoff"],
                    stage["retry_max_delay_seconds"], stage["retry_jitter_seconds"])
 
 
 @functools.lru_cache(maxsize=256)
-def _policy(delay: float, backoff: float, max_delay: float, jitter: float) -> RetryPolicy:
-    # A batch's stages share a few policies: each is checked and built once.
+def retry_policy(delay: float, backoff: float, max_delay: float | None, jitter: float
+                 ) -> RetryPolicy:
+    """The retry policy of a stage's four policy columns (a batch's stages share a few:
+    each is checked and built once)."""
     return RetryPolicy(delay=delay, backoff=backoff, max_delay=max_delay, jitter=jitter)
 
 

@@ -170,12 +170,22 @@ class Tracker:
     def reserve(
         self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
         limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
+        start: bool = False,
     ) -> list[claims.Reservation]:
         """``claim``, returning only what a platform call needs (``Reservation``: the stage's
         place and attempt, the transaction's business key, state and payload) instead of the
-        whole rows: what a resume run uses, a fraction of ``claim``'s cost per stage."""
+        whole rows: what a resume run uses, a fraction of ``claim``'s cost per stage.
+
+        ``start=True`` also starts the attempts, as ``start_attempts`` would right after, in
+        the same database transaction: for a batch whose calls begin now (a resume run's
+        batch of an idempotent platform). Each attempt is counted and leased for
+        ``lease_seconds`` from now; one that is then not called goes back with ``unstart``.
+
+        Example:
+            batch = tracker.reserve("SAP", "A", owner="run-42", limit=500, start=True)
+        """
         args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
-        return claims.reserve_where(self.engine, *args)
+        return claims.reserve_where(self.engine, *args, start=start)
 
     def _claim_args(
         self, process_code: str, platform: str, stage: str | None, owner: str, limit: int,
