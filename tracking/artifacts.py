@@ -34,10 +34,10 @@ class Tally:
 
     def add(self, stage: TxStage) -> None:
         self.stages_run += 1
-        self.by_platform[stage.platform][StageState(stage.state).value] += 1
-        if stage.error_code:
-            key = (stage.platform, stage.error_code, (stage.error_description or "")[:200])
-            self.errors[key] += 1
+        platform, state, code = stage.platform, stage.state, stage.error_code
+        self.by_platform[platform][state.value if isinstance(state, StageState) else state] += 1
+        if code:
+            self.errors[(platform, code, (stage.error_description or "")[:200])] += 1
 
     def top_errors(self, n: int = 10) -> list[dict[str, Any]]:
         return [

@@ -304,8 +304,9 @@ class Pipeline:
         contexts = []
         for job in jobs:
             for tx in job.contexts:
-                if tx.recorded is not None:  # the common case: no need to read it back
-                    self._tally(tx, tx.recorded)
+                if tx.recorded is not None:  # the common case: recorded by this run's call
+                    self._attempts_before.pop((tx.uuid, tx.platform, tx.stage), None)
+                    self.tally.add(tx.recorded)
                 else:
                     contexts.append((tx, job))
         if not contexts:

@@ -101,14 +101,14 @@ def apply_many(
     rng: random.Random,
     *,
     flow_run_id: str | None = None,
-) -> list[TxStage | LeaseLost]:
+) -> Recorded:
     """Record a batch of results in the caller's database transaction, with a handful of
     statements whatever the batch size: the stages recorded are locked and read (with the
     id of the stage after each), then their transactions, in uuid order (the global lock
     order); each result is decided by ``states.decide``; the stages, the next stages, the
     cancelled ones, the transactions and the events are written with a statement for each
     set of rows that share their values. A stage no longer claimed by ``owner`` is not
-    written: its entry is a ``LeaseLost``."""
+    written: its entry is a ``LeaseLost`` (``Recorded.stages()``)."""
     uuids = [c.uuid for c in completions]
     if len(set(uuids)) != len(uuids):
         raise ValueError("complete_many takes one result per transaction")
@@ -125,7 +125,7 @@ def apply_many(
     process_i, platform_i, stage_i, next_i = (at["process_code"], at["platform"], at["stage"],
                                               len(keys))
     decisions = _Decisions(now, rng)
-    out: list[TxStage | LeaseLost] = []
+    out: list[tuple[Row[Any], tuple[Any, ...]] | LeaseLost] = []
     # Rows alike are written together: the values of a write -> the ids (uuids) it is for.
     stage_writes: dict[tuple[Any, ...], list[int]] = {}
     unlock, cancel, events = [], [], []
@@ -163,9 +163,7 @@ def apply_many(
             "tx_state": t.tx_state, "actor": owner, "flow_run_id": flow_run_id,
             "task_run_id": c.task_run_id, "started_at": started_at, "created_at": now,
         })
-        stage = dict(zip(keys, row, strict=False))
-        stage.update(zip(_STAGE_COLUMNS, values, strict=True))
-        out.append(from_row(TxStage, stage))
+        out.append((row, values))
     names = [f"v_{c}" for c in _STAGE_COLUMNS]
     execute_grouped(conn, _UPDATE_STAGES, _UPDATE_STAGES_IN, "b_id", names, stage_writes)
     execute_grouped(conn, _UNLOCK_STAGES, _UNLOCK_STAGES_IN, "b_id", ["v_now"],
@@ -174,7 +172,28 @@ def apply_many(
     for columns, groups in tx_writes.items():
         execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", list(columns), groups)
     execute_many(conn, INSERT_EVENTS, events)
-    return out
+    return Recorded(keys, out)
+
+
+class Recorded(NamedTuple):
+    """What ``apply_many`` wrote: each stage's row as read and the values written to it
+    (or a ``LeaseLost``). ``stages()`` builds the recorded stages: after the commit, so that
+    the writer's lock is not held meanwhile."""
+
+    keys: tuple[str, ...]
+    entries: list[tuple[Row[Any], tuple[Any, ...]] | LeaseLost]
+
+    def stages(self) -> list[TxStage | LeaseLost]:
+        out: list[TxStage | LeaseLost] = []
+        for entry in self.entries:
+            if isinstance(entry, LeaseLost):
+                out.append(entry)
+                continue
+            row, values = entry
+            stage = dict(zip(self.keys, row, strict=False))
+            stage.update(zip(_STAGE_COLUMNS, values, strict=True))
+            out.append(from_row(TxStage, stage))
+        return out
 
 
 class _Decisions:

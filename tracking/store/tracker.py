@@ -387,8 +387,9 @@ class Tracker:
         if not completions:
             return []
         with self.engine.begin() as conn:
-            return batches.apply_many(conn, completions, owner, self.clock(), self.rng,
+            recorded = batches.apply_many(conn, completions, owner, self.clock(), self.rng,
                                           flow_run_id=flow_run_id)
+        return recorded.stages()
 
     # -- operator actions ------------------------------------------------------------------
 
