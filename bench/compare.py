@@ -14,8 +14,8 @@ file per measurement:
 * this project, one by one: ``Tracker.start_or_resume`` per item, then per run and platform
   ``claim`` 500 at a time, ``start_attempt`` + ``complete_stage`` per stage;
 * this project, in batches: ``start_many`` in chunks of 1,000, then per run and platform
-  ``reserve`` 500 at a time (a resume run's claim), then one ``start_attempts`` and one
-  ``complete_many`` per reserved batch (as a batch of an ``idempotent`` platform runs).
+  ``reserve(start=True)`` 500 at a time (a resume run's claim, which starts the attempts of
+  a batch of an ``idempotent`` platform with it), then one ``complete_many`` per batch.
 
 Every measurement ends with a check: the final state of each transaction and the state and
 attempt count of each of its stages must be what the outcome pattern implies under that
@@ -33,6 +33,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -249,16 +250,14 @@ def hourly_run(tracker: Tracker, owner: str, batched: bool,
     began = time.perf_counter()
     for code, *_ in w.PLATFORMS:
         count = 0
-        # A resume run reserves (``Tracker.reserve``: what a platform call needs); one by
-        # one claims whole stages, as a worker of the per-stage API would.
-        find = tracker.reserve if batched else tracker.claim
+        # A resume run reserves (``Tracker.reserve``: what a platform call needs) and, for a
+        # batch of an idempotent platform, starts its attempts with the claim; one by one
+        # claims whole stages, as a worker of the per-stage API would.
+        find = functools.partial(tracker.reserve, start=True) if batched else tracker.claim
         while batch := claim.call(find, w.PROCESS, code, owner=owner, limit=CLAIM_LIMIT):
             completions = []
-            if batched:  # as a batch of an idempotent platform runs: its attempts start together
-                started = start.call(tracker.start_attempts, code, batch[0].stage,
-                                     [s.uuid for s in batch], owner=owner)
             for s in batch:
-                attempt = (started[s.uuid] if batched else
+                attempt = (s.attempt if batched else
                            start.call(tracker.start_attempt, s.uuid, code, s.stage, owner=owner))
                 error_code = w.outcome(index_of[s.uuid], code, attempt)
                 result = ExecutionResult(error_code, w.description(error_code))
@@ -377,13 +376,13 @@ ROWS: list[tuple[str, str, str, str]] = [
      "intake)", "intake", "batch", "intake"),
     ("hourly run 1, per stage (here: `claim` 500 + `start_attempt` + `complete_stage`)",
      "run1", "stage", "run1"),
-    ("hourly run 1, here `reserve` 500 + `start_attempts` + `complete_many` per batch",
+    ("hourly run 1, here `reserve(start=True)` 500 + `complete_many` per batch",
      "run1", "batch", "run1"),
     ("hourly run 2, per stage", "run2", "stage", "run2"),
-    ("hourly run 2, here `reserve` 500 + `start_attempts` + `complete_many` per batch",
+    ("hourly run 2, here `reserve(start=True)` 500 + `complete_many` per batch",
      "run2", "batch", "run2"),
     ("whole workload, one by one + per stage", "total", "stage", "total"),
-    ("whole workload, `start_many` + `reserve` + `start_attempts` + `complete_many`",
+    ("whole workload, `start_many` + `reserve(start=True)` + `complete_many`",
      "total", "batch", "total"),
 ]
 
@@ -448,7 +447,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "Wall-clock seconds of each phase; in brackets the stage attempts recorded by a run. "
         "Find: rpa-tracker `get_pending_stages`, this project `claim` (one by one) or "
-        "`reserve` (batches); record: "
+        "`reserve(start=True)` (batches: the attempts start with the claim); record: "
         "`complete_stage` / `complete_many` (this project's `start_attempt` time is in the "
         "run, listed apart in the JSON).",
         "",

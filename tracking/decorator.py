@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from tracking.catalog import Platform, Process
 from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage, TxState
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
+from tracking.recorder import Recorder
 from tracking.store import Completion, Reservation, Tracker
 
 REJECTED = "Rejected"
@@ -66,7 +68,9 @@ class Claim:
     """Where an attempt is recorded: the tracker and the run that claimed the stage.
 
     ``lease_seconds`` is how long a started attempt may take before it counts as lost;
-    ``stopping`` is set when the run stops: reserved stages are then not started.
+    ``stopping`` is set when the run stops: reserved stages are then not started. The run's
+    task runs start and record their attempts through ``recorder`` (grouped into shared
+    database transactions).
     """
 
     tracker: Tracker
@@ -77,6 +81,11 @@ class Claim:
     # run's heartbeat keeps their leases alive meanwhile.
     awaiting: set[str] = field(default_factory=set, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    recorder: Recorder = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recorder",
+                           Recorder(self.tracker, self.owner, self.lease_seconds))
 
 
 class TxContext:
@@ -124,6 +133,8 @@ class TxContext:
         # function was called: an attempt started but never called is taken back.
         self.started_at: datetime | None = None
         self.called = False
+        # When its task run began (time.monotonic()): how a run paces its claims.
+        self.began: float | None = None
 
     @classmethod
     def of(cls, stage: TxStage, claim: Claim) -> TxContext:
@@ -219,6 +230,7 @@ def execute(
     ``limit`` names the platform's concurrency limit, if it has one."""
     claim = tx.claim
     assert claim is not None, "execute() needs a claimed stage"
+    tx.began = time.monotonic()
     flow_run_id, task_run_id, run_count = _run_ids()
     tracker = claim.tracker
     try:
@@ -237,18 +249,14 @@ def execute(
     with session(limit):  # waiting for a session is not part of the attempt
         try:
             # The attempt counts from here; a lost reservation means another run may have it.
-            tx.attempt = tracker.start_attempt(
-                tx.uuid, tx.platform, tx.stage, owner=claim.owner,
-                lease_seconds=claim.lease_seconds,
-            )
+            tx.attempt = claim.recorder.start(tx.uuid, tx.platform, tx.stage)
         except LeaseLost as exc:
             tx.logger.warning("not started: %s", exc)
             return Completed(name=SKIPPED, message=f"not started: {exc}")
         result = _call(fn, tx)
     try:
-        stage = tracker.complete_stage(
-            tx.uuid, tx.platform, result, stage=tx.stage, owner=claim.owner,
-            flow_run_id=flow_run_id, task_run_id=task_run_id,
+        stage = claim.recorder.complete(
+            tx.uuid, tx.platform, tx.stage, result, task_run_id=task_run_id, flow_run_id=flow_run_id
         )
     except LeaseLost as exc:
         tx.logger.warning("attempt not recorded: %s", exc)

@@ -48,7 +48,7 @@ from tracking.db import check_schema, connect, normalise_url
 from tracking.decorator import Claim, concurrency_limit_name, tracked_task
 from tracking.errors import DatabaseUnavailable
 from tracking.items import read_items, take_in
-from tracking.memory import startup_objects_frozen
+from tracking.memory import rarer_young_collections
 from tracking.pipeline import RESERVATION_SECONDS, Budget, Granularity, Heartbeat, Options, Pipeline
 from tracking.prefect_events import send_outcome_events
 from tracking.reports.counts import fold
@@ -213,7 +213,7 @@ def resume_flow(
         reserve = min(float(lease), RESERVATION_SECONDS)
         try:
             with (
-                startup_objects_frozen(),
+                rarer_young_collections(),
                 Heartbeat(tracker, process, claim, reserve),
                 ThreadPoolTaskRunner(max_workers=concurrency) as runner,
             ):

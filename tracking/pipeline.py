@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,6 +138,37 @@ class Heartbeat:
         self._thread.join()
 
 
+class _Ended:
+    """The jobs whose task runs ended, as their futures report them; the run waits until
+    enough have ended (``take``), so it is woken once per round rather than per task run."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ended: list[_Job] = []
+        self._need = 1
+
+    def watch(self, job: _Job) -> None:
+        job.future.wrapped_future.add_done_callback(  # type: ignore[attr-defined]
+            lambda _: self._add(job))
+
+    def _add(self, job: _Job) -> None:
+        with self._cond:
+            self._ended.append(job)
+            if len(self._ended) >= self._need:
+                self._cond.notify()
+
+    def take(self, at_least: int) -> list[_Job]:
+        """The jobs that ended since the last call, once at least ``at_least`` have (no
+        more than are in flight)."""
+        with self._cond:
+            self._need = at_least
+            while len(self._ended) < at_least:
+                self._cond.wait()
+            ended, self._ended = self._ended, []
+            self._need = 1
+        return ended
+
+
 class _Job:
     """One task run in flight: the claimed stages it runs and its future."""
 
@@ -224,21 +254,20 @@ class Pipeline:
         jobs: list[_Job] = []
         stopped: str | None = None
         try:
+            ended = _Ended()
             while True:
                 stopped = stopped or self._claim_free_slots(state, jobs, budget)
-                self._submit_waiting(state, jobs)
+                for job in self._submit_waiting(state, jobs):
+                    ended.watch(job)
                 if not jobs:
                     return stopped
-                done, _ = wait(
-                    [j.future.wrapped_future for j in jobs],  # type: ignore[attr-defined]
-                    return_when=FIRST_COMPLETED,
-                )
-                finished = [j for j in jobs if j.future.wrapped_future in done]  # type: ignore[attr-defined]
-                jobs = [j for j in jobs if j not in finished]
+                finished = ended.take(self._wake_after(len(jobs)))
+                gone = set(finished)
+                jobs = [j for j in jobs if j not in gone]
                 self._settle(finished)
                 now = time.monotonic()
                 for job in finished:
-                    state[job.step].finished(now - job.submitted)
+                    state[job.step].finished(now - (job.contexts[0].began or job.submitted))
                 for job in finished:  # what they recorded may have made the next step due
                     if job.step + 1 < len(state):
                         state[job.step + 1].drained = False
@@ -246,6 +275,8 @@ class Pipeline:
                     on_settled(sum(s.drained and not s.waiting for s in state) / len(state))
         except BaseException:
             self.claim.stopping.set()  # what has not started must not start now
+            for job in jobs:  # queued task runs never begin (their stages are released)
+                job.future.wrapped_future.cancel()  # type: ignore[attr-defined]
             raise
 
     def _claim_free_slots(self, state: list[_Step], jobs: list[_Job], budget: Budget
@@ -255,19 +286,21 @@ class Pipeline:
         unit = 1 if o.granularity == "stage" else o.batch_size
         for step in state:
             waiting = sum(len(s.waiting) for s in state)
-            free = o.concurrency - len(jobs) - -(-waiting // unit)
-            if free <= 0:
+            if unit == 1:
+                # Stage granularity keeps what will start within about a second reserved
+                # and submitted (the task runner queues it), so a claim serves several
+                # task runs and a wake-up of the run several finished ones.
+                room = o.concurrency * (1 + step.rounds_ahead()) - len(jobs) - waiting
+            else:  # batches start as they are claimed: only for a free slot
+                room = (o.concurrency - len(jobs) - -(-waiting // unit)) * unit
+            if room <= 0:
                 return None
             if step.drained or step.waiting:
                 continue
             stopped = budget.exceeded(self.claimed)
             if stopped is not None:
                 return stopped
-            # Stage granularity keeps what will start soon reserved, so a claim serves
-            # several task runs; batches start as they are claimed.
-            ahead = o.concurrency * step.rounds_ahead() if unit == 1 else 0
-            want = min((free + ahead) * unit, budget.room(self.claimed),
-                       o.batch_size if unit == 1 else free * unit)
+            want = min(room, budget.room(self.claimed), o.batch_size if unit == 1 else room)
             # A batch of an idempotent platform is submitted now and called at once: its
             # attempts start with the claim (one database transaction less per batch).
             start = unit > 1 and step.platform.idempotent and step.platform.fn is not None
@@ -284,17 +317,32 @@ class Pipeline:
             step.waiting.extend(TxContext.of_reservation(c, self.claim) for c in claimed)
         return None
 
-    def _submit_waiting(self, state: list[_Step], jobs: list[_Job]) -> None:
+    def _submit_waiting(self, state: list[_Step], jobs: list[_Job]) -> list[_Job]:
+        """Submit what is claimed: every stage (stage granularity: the task runner runs
+        ``concurrency`` at once and queues the rest), or a batch per free slot. Returns the
+        jobs submitted."""
         o = self.options
         unit = 1 if o.granularity == "stage" else o.batch_size
+        slots = len(jobs) + sum(len(s.waiting) for s in state) if unit == 1 else o.concurrency
+        submitted = []
         for step in state:
-            while step.waiting and len(jobs) < o.concurrency:
+            while step.waiting and len(jobs) < slots:
                 task = self.tasks[step.platform.code]
                 job = _submit(self.runner, task, step.platform, step.stage,
                               step.waiting[:unit], o.granularity)
                 job.step = step.index
                 jobs.append(job)
+                submitted.append(job)
                 del step.waiting[:unit]
+        return submitted
+
+    def _wake_after(self, in_flight: int) -> int:
+        """How many task runs to wait for before the next round of claims: half of what is
+        queued beyond the running ones (stage granularity keeps its queue full and wakes
+        once per round, not once per task run), else one."""
+        if self.options.granularity != "stage":
+            return 1
+        return max(1, (in_flight - self.options.concurrency) // 2)
 
     def _settle(self, jobs: list[_Job]) -> None:
         """Tally what the finished task runs recorded. A stage they left unrecorded is a

@@ -1,11 +1,12 @@
-"""A resume run and the API keep the garbage collector off the objects they started with,
-and only while they work (``tracking.memory.startup_objects_frozen``)."""
+"""While they work, a resume run collects young objects less often
+(``tracking.memory.rarer_young_collections``) and the API also keeps the garbage collector
+off the objects it started with (``startup_objects_frozen``)."""
 
 from __future__ import annotations
 
 import gc
 
-from tracking.memory import YOUNG_THRESHOLD, startup_objects_frozen
+from tracking.memory import YOUNG_THRESHOLD, rarer_young_collections, startup_objects_frozen
 
 
 def test_a_run_freezes_the_objects_it_starts_with_and_unfreezes_them_after():
@@ -29,3 +30,11 @@ def test_a_process_that_froze_its_objects_itself_keeps_them_frozen():
         assert gc.get_freeze_count() > frozen // 2
     finally:
         gc.unfreeze()
+
+
+def test_a_run_collects_young_objects_less_often_and_only_while_it_works():
+    thresholds = gc.get_threshold()
+    with rarer_young_collections():
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *thresholds[1:])
+        assert gc.get_freeze_count() == 0  # nothing kept from the collector
+    assert gc.get_threshold() == thresholds

@@ -295,7 +295,7 @@ def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: s
             conn.execute(_TX_STARTED, {"b_uuid": uuid, "state": TxState.IN_PROGRESS,
                                        "updated_at": now})
             return int(attempt)
-    raise LeaseLost(_why_not_reserved(engine, uuid, platform, stage, owner))
+    raise LeaseLost(why_not_reserved(engine, uuid, platform, stage, owner))
 
 
 def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[str], owner: str,
@@ -354,7 +354,8 @@ def unstart(engine: Engine, platform: str, stage: str, before: dict[str, TxState
     return len(undone)
 
 
-def _why_not_reserved(engine: Engine, uuid: str, platform: str, stage: str, owner: str) -> str:
+def why_not_reserved(engine: Engine, uuid: str, platform: str, stage: str, owner: str) -> str:
+    """Why ``owner`` cannot start this stage (read-only): what ``LeaseLost`` says."""
     where = f"stage {platform}.{stage} of transaction {uuid}"
     with read_only(engine) as conn:
         row = conn.execute(
