@@ -53,6 +53,24 @@ _START_ATTEMPT = (
     )
     .returning(STAGE.c.attempt)
 )
+# start_attempt's statement for many stages of one platform stage.
+_START_ATTEMPTS = (
+    sa.update(STAGE)
+    .where(
+        any_of(STAGE.c.uuid, "b_uuids"),
+        STAGE.c.platform == sa.bindparam("b_platform"),
+        STAGE.c.stage == sa.bindparam("b_stage"),
+        STAGE.c.lease_owner == sa.bindparam("b_owner"),
+        RESERVED,
+    )
+    .values(
+        attempt=STAGE.c.attempt + 1,
+        started_at=sa.bindparam("b_now"),
+        lease_expires_at=sa.bindparam("b_expires"),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(STAGE.c.uuid, STAGE.c.attempt)
+)
 _TX_STARTED = sa.update(TX).where(
     TX.c.uuid == sa.bindparam("b_uuid"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED])
 )
@@ -301,29 +319,16 @@ def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: s
 def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[str], owner: str,
                    now: datetime, lease_seconds: float) -> dict[str, int]:
     """Start the attempts of many reserved stages of one platform stage together (two
-    statements per 500); the attempt number of each one started, by uuid (the others are
+    statements however many); the attempt number of each one started, by uuid (the others are
     no longer reserved by ``owner``)."""
-    started: dict[str, int] = {}
-    expires = now + timedelta(seconds=lease_seconds)
+    params = {"b_uuids": list(uuids), "b_platform": platform, "b_stage": stage,
+              "b_owner": owner, "b_now": now,
+              "b_expires": now + timedelta(seconds=lease_seconds)}
     with engine.begin() as conn:
-        for i in range(0, len(uuids), CHUNK):
-            rows = conn.execute(
-                sa.update(STAGE)
-                .where(STAGE.c.uuid.in_(list(uuids[i : i + CHUNK])), STAGE.c.platform == platform,
-                       STAGE.c.stage == stage, STAGE.c.lease_owner == owner, RESERVED)
-                .values(attempt=STAGE.c.attempt + 1, started_at=now, lease_expires_at=expires,
-                        updated_at=now)
-                .returning(STAGE.c.uuid, STAGE.c.attempt)
-            ).all()
-            started.update((r.uuid, int(r.attempt)) for r in rows)
-            if rows:
-                conn.execute(
-                    sa.update(TX)
-                    .where(TX.c.uuid.in_([r.uuid for r in rows]),
-                           TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]))
-                    .values(state=TxState.IN_PROGRESS, updated_at=now)
-                )
-    return started
+        rows = conn.execute(_START_ATTEMPTS, params).all()
+        if rows:
+            conn.execute(_TXS_STARTED, {"b_uuids": [uuid for uuid, _ in rows], "b_now": now})
+    return {uuid: int(attempt) for uuid, attempt in rows}
 
 
 def unstart(engine: Engine, platform: str, stage: str, before: dict[str, TxState], owner: str,
