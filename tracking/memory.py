@@ -3,11 +3,11 @@
 A process of this project holds ~200k objects once it has started (Prefect's, SQLAlchemy's,
 FastAPI's, the modules'), and Python's full collections walk every one of them: ~100 ms on
 a small machine, during which every request in flight or every batch of a run waits. Young
-objects are collected far less often while a run or the server works, so that few reach the
-oldest generation and full collections are rare; the API server also keeps the objects it
-started with out of the collector::
+objects are collected far less often while a run, a tracker's batch call or the server
+works, so that few reach the oldest generation and full collections are rare; the API
+server also keeps the objects it started with out of the collector::
 
-    with rarer_young_collections():      # a resume run
+    with rarer_young_collections():      # a resume run, a tracker's batch call
         ...
     with startup_objects_frozen():       # the API server (rarer young collections too)
         ...  # full collections walk only what was made since
@@ -16,6 +16,7 @@ started with out of the collector::
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,17 +29,38 @@ from contextlib import contextmanager
 YOUNG_THRESHOLD = 20_000
 
 
-@contextmanager
-def rarer_young_collections() -> Iterator[None]:
-    """Collect the youngest objects after ``YOUNG_THRESHOLD`` allocations, not Python's 700,
-    until the block ends (the thresholds are put back then). Nothing is kept from the
-    collector: the objects made in the block are collected as usual, only less often."""
-    thresholds = gc.get_threshold()
-    gc.set_threshold(max(thresholds[0], YOUNG_THRESHOLD), *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
+class _RarerYoungCollections:
+    """The raised threshold, shared by the blocks that overlap in a process's threads (two
+    runs, a run's batch calls): raised by the first to enter, put back by the last to end.
+    Each block restoring what it saw on entry would leave it raised for good whenever two
+    overlap (A enters, B enters, A ends, B ends)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: tuple[int, ...] = gc.get_threshold()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = gc.get_threshold()
+                gc.set_threshold(max(self._saved[0], YOUNG_THRESHOLD), *self._saved[1:])
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    gc.set_threshold(*self._saved)
+
+
+rarer_young_collections = _RarerYoungCollections()
+"""``with rarer_young_collections():`` (or as a decorator) collects the youngest objects
+after ``YOUNG_THRESHOLD`` allocations, not Python's 700, until the block ends (the thresholds
+are put back when the last overlapping block ends). Nothing is kept from the collector: the
+objects made in the block are collected as usual, only less often."""
 
 
 @contextmanager

@@ -38,3 +38,17 @@ def test_a_run_collects_young_objects_less_often_and_only_while_it_works():
         assert gc.get_threshold() == (YOUNG_THRESHOLD, *thresholds[1:])
         assert gc.get_freeze_count() == 0  # nothing kept from the collector
     assert gc.get_threshold() == thresholds
+
+
+def test_overlapping_blocks_in_threads_put_the_thresholds_back_once_the_last_ends():
+    # Two runs (or batch calls) in threads of one process: A enters, B enters, A ends, B
+    # ends. Restoring what each saw on entry would leave B's raised threshold for good.
+    thresholds = gc.get_threshold()
+    a, b = rarer_young_collections(), rarer_young_collections()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD  # B still works
+    b.__exit__(None, None, None)
+    assert gc.get_threshold() == thresholds
+

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 
 from tracking.catalog import Platform, Process
 from tracking.errors import LeaseLost, UnknownProcessError
+from tracking.memory import rarer_young_collections
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
 from tracking.outcomes import ExecutionResult, to_result
 from tracking.schedule import Item, Schedule, check_time
@@ -118,6 +119,7 @@ class Tracker:
                                     not_before=not_before, deadline=deadline)
         return result.uuid, result.is_new
 
+    @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def start_many(
         self, process_code: str, payloads: Sequence[Mapping[str, Any] | Item], *,
         source: str | None = None, priority: int = 0, not_before: datetime | None = None,
@@ -147,6 +149,7 @@ class Tracker:
             query = query.limit(check_limit(limit))
         return reads.get_pending_stages(self.engine, query)
 
+    @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def claim(
         self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
         limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
@@ -167,6 +170,7 @@ class Tracker:
         args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
         return claims.claim_where(self.engine, *args)
 
+    @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def reserve(
         self, process_code: str, platform: str, stage: str | None = None, *, owner: str,
         limit: int = 100, lease_seconds: float = 1800, uuid: str | None = None,
@@ -358,6 +362,7 @@ class Tracker:
                 actor=owner, flow_run_id=flow_run_id, task_run_id=task_run_id,
             )
 
+    @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def complete_many(
         self, completions: Sequence[Completion], *, owner: str, flow_run_id: str | None = None,
     ) -> list[TxStage | LeaseLost]:
