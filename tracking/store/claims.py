@@ -36,24 +36,7 @@ from tracking.states import RUNNABLE_STAGE_STATES
 from tracking.store.leases import EXPIRED_RESERVATION, release_in
 from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, any_of, as_dicts
 
-_START_ATTEMPT = (
-    sa.update(STAGE)
-    .where(
-        STAGE.c.uuid == sa.bindparam("b_uuid"),
-        STAGE.c.platform == sa.bindparam("b_platform"),
-        STAGE.c.stage == sa.bindparam("b_stage"),
-        STAGE.c.lease_owner == sa.bindparam("b_owner"),
-        RESERVED,
-    )
-    .values(
-        attempt=STAGE.c.attempt + 1,
-        started_at=sa.bindparam("b_now"),
-        lease_expires_at=sa.bindparam("b_expires"),
-        updated_at=sa.bindparam("b_now"),
-    )
-    .returning(STAGE.c.attempt)
-)
-# start_attempt's statement for many stages of one platform stage.
+# Starts the attempts of reserved stages of one platform stage (one or many).
 _START_ATTEMPTS = (
     sa.update(STAGE)
     .where(
@@ -70,9 +53,6 @@ _START_ATTEMPTS = (
         updated_at=sa.bindparam("b_now"),
     )
     .returning(STAGE.c.uuid, STAGE.c.attempt)
-)
-_TX_STARTED = sa.update(TX).where(
-    TX.c.uuid == sa.bindparam("b_uuid"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED])
 )
 
 
@@ -303,17 +283,10 @@ def extend_lease(engine: Engine, uuid: str, platform: str, stage: str, owner: st
 def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
                   now: datetime, lease_seconds: float) -> int:
     """Start the attempt of a reserved stage; its number, or ``LeaseLost``."""
-    params = {
-        "b_uuid": uuid, "b_platform": platform, "b_stage": stage, "b_owner": owner,
-        "b_now": now, "b_expires": now + timedelta(seconds=lease_seconds),
-    }
-    with engine.begin() as conn:
-        attempt = conn.execute(_START_ATTEMPT, params).scalar_one_or_none()
-        if attempt is not None:
-            conn.execute(_TX_STARTED, {"b_uuid": uuid, "state": TxState.IN_PROGRESS,
-                                       "updated_at": now})
-            return int(attempt)
-    raise LeaseLost(why_not_reserved(engine, uuid, platform, stage, owner))
+    started = start_attempts(engine, platform, stage, [uuid], owner, now, lease_seconds)
+    if uuid not in started:
+        raise LeaseLost(why_not_reserved(engine, uuid, platform, stage, owner))
+    return started[uuid]
 
 
 def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[str], owner: str,
