@@ -6,8 +6,9 @@ script measures, with a process of one no-op platform (``bench/bench_processes.p
 
 * bare: a plain ``@task`` no-op with the options of the tracked task that matter for cost
   (no tags, ``cache_policy=NO_CACHE``, ``persist_result=False``), run ``--stages`` times
-  (default 1,000) inside a ``@flow``: sequentially (one call after another) and concurrently
-  (``.submit`` on a ``ThreadPoolTaskRunner(max_workers=--concurrency)``, then wait);
+  (default 1,000) inside a ``@flow``, submitted (``.submit``, then wait) to the flow's
+  ``ThreadPoolTaskRunner`` as the resume flow submits its task runs: sequentially
+  (``max_workers=1``) and concurrently (``max_workers=--concurrency``);
 * tracked: ``--stages`` fresh items taken in (``Tracker.start_many``), then
   ``resume_flow(granularity="stage")`` with ``concurrency=1`` (sequential) and
   ``concurrency=--concurrency`` (concurrent).
@@ -312,11 +313,10 @@ class Bench:
             return 0
 
         @flow(name="bench-bare", flow_run_name="bare x{n}")
-        def bare_flow(n: int, concurrent: bool) -> int:
-            if not concurrent:
-                for i in range(n):
-                    bare_noop(i)
-                return n
+        def bare_flow(n: int) -> int:
+            # Submitted to the flow's task runner at either concurrency, as the resume
+            # flow submits its task runs (a call in the flow's own thread would spare the
+            # bare side the hand-over to a worker thread that the tracked side pays).
             futures = [bare_noop.submit(i) for i in range(n)]
             wait(futures)
             return sum(1 for f in futures if f.result() == 0)
@@ -343,7 +343,7 @@ class Bench:
         )
         self.completions.times.clear()
         t0, w0 = time.perf_counter(), time.time()
-        state = flow_(n=n, concurrent=concurrency > 1, return_state=True)
+        state = flow_(n=n, return_state=True)
         wall = time.perf_counter() - t0
         stalls = self.completions.stalls(w0, time.time(), self.args.stall_threshold)
         assert state.result() == n, state
@@ -576,10 +576,9 @@ def profile_sequential(bench: Bench, n: int) -> dict[str, Any]:
         with ThreadProfiles() as profiles:
             run = bench.run_bare(n, 1) if kind == "bare" else bench.run_tracked(n, 1)
         out[f"{kind}_profiled_run"] = run
-        # The bare sequential tasks run in the flow's (main) thread, the tracked ones in the
-        # resume flow's task-runner thread.
+        # Both kinds run their task runs in the flow's task-runner thread.
         main = profiles.stats("main")
-        stats = main if kind == "bare" else profiles.stats("workers")
+        stats = profiles.stats("workers")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         if stats is not None:
             stats.dump_stats(RESULTS_DIR / f"prefect-profile-{kind}-tasks.pstats")

@@ -28,7 +28,7 @@ from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFai
 from tracking.policy import RetryPolicy
 from tracking.reports import Reports
 from tracking.schedule import Item
-from tracking.store import Completion, Tracker
+from tracking.store import Completion, Start, Tracker
 
 try:
     __version__ = version("prefect-tracking")
@@ -53,6 +53,7 @@ __all__ = [
     "Reports",
     "RetryPolicy",
     "StageState",
+    "Start",
     "SystemFailure",
     "Tracker",
     "TrackingError",

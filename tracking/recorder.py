@@ -3,10 +3,10 @@ attempts through one ``Recorder``, which writes what they ask for together.
 
 A task run that starts an attempt (right before its call) or records its result queues the
 request and waits until it is committed: the first to arrive writes everything queued so far
-in one database transaction (``Tracker.start_attempts`` for the starts, one statement per
-platform stage; ``Tracker.complete_many`` for the results), then hands the pen to the first
-request that queued meanwhile. A lone task run is written at once; eight busy ones share
-their transactions instead of queueing for SQLite's single writer one by one.
+in one database transaction (``Tracker.record_attempts``: the starts, a statement per
+platform stage, then the results, set-based as ``complete_many`` writes them), then hands the
+pen to the first request that queued meanwhile. A lone task run is written at once; eight
+busy ones share their transactions instead of queueing for SQLite's single writer one by one.
 
 Each request keeps its own semantics: an attempt starts (counts) before its call, a result
 is committed before its task run ends, so a crash repeats at most the calls in flight; a
@@ -30,7 +30,7 @@ from typing import Any
 from tracking.errors import LeaseLost
 from tracking.models import TxStage
 from tracking.outcomes import ExecutionResult
-from tracking.store import Completion, Tracker
+from tracking.store import Completion, Start, Tracker
 from tracking.store.claims import why_not_reserved
 
 
@@ -107,41 +107,18 @@ class Recorder:
 
     def _write(self, group: Sequence[_Request]) -> None:
         try:
-            self._write_starts([r for r in group if r.result is None])
-            self._write_results([r for r in group if r.result is not None])
+            self._write_together(group)
         except BaseException as exc:  # the leader is interrupted: nobody waits for nothing
             _fail(group, exc)
             raise
 
-    def _write_starts(self, starts: list[_Request]) -> None:
-        if not starts:
-            return
-        by_stage: dict[tuple[str, str], list[_Request]] = {}
-        for request in starts:
-            by_stage.setdefault((request.platform, request.stage), []).append(request)
-        for (platform, stage), requests in by_stage.items():
-            try:
-                started = self.tracker.start_attempts(
-                    platform, stage, [r.uuid for r in requests], owner=self.owner,
-                    lease_seconds=self.lease_seconds)
-                for request in requests:
-                    request.outcome = started.get(request.uuid)
-                    if request.outcome is None:  # not reserved by this run any more: say why
-                        request.outcome = self._why_not_started(request)
-            except Exception as exc:  # this transaction failed: its requests say so
-                _fail(requests, exc)
-
-    def _why_not_started(self, request: _Request) -> LeaseLost:
-        return LeaseLost(why_not_reserved(self.tracker.engine, request.uuid, request.platform,
-                                          request.stage, self.owner))
-
-    def _write_results(self, results: list[_Request]) -> None:
-        if not results:
-            return
-        # complete_many takes one result per transaction and one flow run: a group is
-        # split where it holds more (it never does in a run; a caller of its own might).
+    def _write_together(self, group: Sequence[_Request]) -> None:
+        """The group's starts and results in one database transaction; results that
+        ``complete_many`` cannot take with the others (a second result for one transaction, or
+        another flow run: never in a run, a caller of its own might) each in one more."""
+        starts = [r for r in group if r.result is None]
         parts: list[tuple[str | None, set[str], list[_Request]]] = []
-        for request in results:
+        for request in (r for r in group if r.result is not None):
             for flow_run_id, uuids, part in parts:
                 if flow_run_id == request.flow_run_id and request.uuid not in uuids:
                     uuids.add(request.uuid)
@@ -149,17 +126,39 @@ class Recorder:
                     break
             else:
                 parts.append((request.flow_run_id, {request.uuid}, [request]))
-        for flow_run_id, _, requests in parts:
+        first: list[_Request] = parts[0][2] if parts else []
+        try:
+            attempts, recorded = self.tracker.record_attempts(
+                [Start(r.uuid, r.platform, r.stage) for r in starts], _completions(first),
+                owner=self.owner, lease_seconds=self.lease_seconds,
+                flow_run_id=parts[0][0] if parts else None)
+        except Exception as exc:  # this transaction failed: its requests say so
+            _fail([*starts, *first], exc)
+        else:
+            for request, attempt in zip(starts, attempts, strict=True):
+                # None: not reserved by this run any more: say why
+                request.outcome = attempt if attempt is not None else self._why_not_started(
+                    request)
+            for request, outcome in zip(first, recorded, strict=True):
+                request.outcome = outcome
+        for flow_run_id, _, requests in parts[1:]:
             try:
                 recorded = self.tracker.complete_many(
-                    [Completion(r.uuid, r.platform, r.stage, r.result, r.task_run_id)
-                     for r in requests],  # type: ignore[arg-type]
-                    owner=self.owner, flow_run_id=flow_run_id)
-            except Exception as exc:  # this transaction failed: its requests say so
+                    _completions(requests), owner=self.owner, flow_run_id=flow_run_id)
+            except Exception as exc:
                 _fail(requests, exc)
                 continue
             for request, outcome in zip(requests, recorded, strict=True):
                 request.outcome = outcome
+
+    def _why_not_started(self, request: _Request) -> LeaseLost:
+        return LeaseLost(why_not_reserved(self.tracker.engine, request.uuid, request.platform,
+                                          request.stage, self.owner))
+
+
+def _completions(requests: Sequence[_Request]) -> list[Completion]:
+    return [Completion(r.uuid, r.platform, r.stage, r.result, r.task_run_id)  # type: ignore[arg-type]
+            for r in requests]
 
 
 def _fail(requests: Sequence[_Request], exc: BaseException) -> None:

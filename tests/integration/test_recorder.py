@@ -1,6 +1,6 @@
 """``tracking.recorder.Recorder``: a run's task runs start and record their attempts in shared
 database transactions, each request keeping its own answer (attempt, stage, ``LeaseLost`` or
-the database error of its own transaction)."""
+the database error of the transaction it was in)."""
 
 from __future__ import annotations
 
@@ -43,28 +43,31 @@ def _in_threads(calls: list[Callable[[], Any]]) -> list[Any]:
     return answers
 
 
-def _counting(tracker: Tracker, name: str, delay: float = 0.0) -> list[int]:
-    """Wrap ``tracker.<name>`` to count its calls (and the requests in each) and slow it
-    down, so that concurrent requests queue behind a write in progress."""
-    sizes: list[int] = []
-    method = getattr(tracker, name)
+def _counting(tracker: Tracker, delay: float = 0.0) -> tuple[list[int], list[int]]:
+    """Wrap ``tracker.record_attempts`` (one database transaction) to count its calls and
+    the starts and results in each, and slow it down, so that concurrent requests queue
+    behind a write in progress."""
+    starts: list[int] = []
+    results: list[int] = []
+    method = tracker.record_attempts
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        batch = args[2] if name == "start_attempts" else args[0]
-        sizes.append(len(batch))
+        if args[0]:
+            starts.append(len(args[0]))
+        if args[1]:
+            results.append(len(args[1]))
         time.sleep(delay)
         return method(*args, **kwargs)
 
-    setattr(tracker, name, wrapped)
-    return sizes
+    tracker.record_attempts = wrapped  # type: ignore[method-assign]
+    return starts, results
 
 
 def test_concurrent_starts_and_results_share_transactions_and_are_all_committed(engine):
     tracker = Tracker(engine, processes=[cancellation_process()])
     uuids = _claimed(tracker, 12)
     recorder = Recorder(tracker, owner="run-1", lease_seconds=600)
-    start_sizes = _counting(tracker, "start_attempts", delay=0.05)
-    result_sizes = _counting(tracker, "complete_many", delay=0.05)
+    start_sizes, result_sizes = _counting(tracker, delay=0.05)
 
     attempts = _in_threads([lambda u=u: recorder.start(u, "A", "validate") for u in uuids])
     assert attempts == [1] * 12
@@ -86,7 +89,7 @@ def test_a_stage_the_run_lost_raises_lease_lost_for_its_request_alone(engine):
     uuids = _claimed(tracker, 4)
     tracker.cancel(uuids[1], reason="operator")  # the reservation is gone
     recorder = Recorder(tracker, owner="run-1", lease_seconds=600)
-    _counting(tracker, "start_attempts", delay=0.05)
+    _counting(tracker, delay=0.05)
 
     answers = _in_threads([lambda u=u: recorder.start(u, "A", "validate") for u in uuids])
     assert answers[0] == answers[2] == answers[3] == 1
@@ -103,25 +106,27 @@ def test_a_stage_the_run_lost_raises_lease_lost_for_its_request_alone(engine):
     assert tracker.get_stages([uuids[0]], "A", "validate")[0].state == StageState.IN_PROGRESS
 
 
-def test_a_failed_transaction_answers_its_own_requests_and_the_recorder_goes_on(engine):
+def test_a_groups_starts_and_results_share_one_transaction_and_fail_together(engine):
     tracker = Tracker(engine, processes=[cancellation_process()])
     uuids = _claimed(tracker, 3)
     tracker.start_attempts("A", "validate", [uuids[2]], owner="run-1")
     recorder = Recorder(tracker, owner="run-1", lease_seconds=600)
     gate, calls = threading.Event(), []
-    start_attempts = tracker.start_attempts
+    record_attempts = tracker.record_attempts
 
     def failing_second(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[2])
+        calls.append(([s.uuid for s in args[0]], [c.uuid for c in args[1]]))
         if len(calls) == 1:
             gate.wait(10)  # hold the first group until two more requests queue
         elif len(calls) == 2:
             raise ConnectionError("database went away")
-        return start_attempts(*args, **kwargs)
+        return record_attempts(*args, **kwargs)
 
-    tracker.start_attempts = failing_second  # type: ignore[method-assign]
-    first = threading.Thread(target=lambda: recorder.start(uuids[0], "A", "validate"))
-    first.start()
+    tracker.record_attempts = failing_second  # type: ignore[method-assign]
+    first: list[Any] = []
+    held = threading.Thread(target=lambda: first.append(
+        recorder.start(uuids[0], "A", "validate")))
+    held.start()
     while not calls:
         time.sleep(0.01)
     answers: list[Any] = []
@@ -133,14 +138,20 @@ def test_a_failed_transaction_answers_its_own_requests_and_the_recorder_goes_on(
     while len(recorder._queued) < 2:  # both wait behind the held write
         time.sleep(0.01)
     gate.set()
-    first.join(10), queued.join(10)
+    held.join(10), queued.join(10)
 
-    # One group held a start and a result: the start's transaction failed, the result's
-    # committed, and each request was told its own outcome.
-    assert isinstance(answers[0], ConnectionError)
-    assert answers[1].state == StageState.COMPLETED
-    assert [s.attempt for s in tracker.get_stages(uuids, "A", "validate")] == [1, 0, 1]
-    assert recorder.start(uuids[1], "A", "validate") == 1  # later groups are written
+    # The first group committed and keeps its answer; the second held a start and a result
+    # in one transaction, which failed: both requests are told so, and nothing of it stays.
+    assert first == [1]
+    assert calls[1] == ([uuids[1]], [uuids[2]])
+    assert all(isinstance(a, ConnectionError) for a in answers), answers
+    stages = tracker.get_stages(uuids, "A", "validate")
+    assert [s.attempt for s in stages] == [1, 0, 1]
+    assert stages[2].state == StageState.IN_PROGRESS  # its result was not recorded
+    # Later groups are written.
+    assert recorder.start(uuids[1], "A", "validate") == 1
+    assert recorder.complete(uuids[2], "A", "validate", ExecutionResult(0)).state == (
+        StageState.COMPLETED)
 
 
 @pytest.mark.parametrize("requests", [1, 5])
@@ -148,6 +159,6 @@ def test_a_lone_request_is_written_at_once_by_its_own_thread(engine, requests):
     tracker = Tracker(engine, processes=[cancellation_process()])
     uuids = _claimed(tracker, requests)
     recorder = Recorder(tracker, owner="run-1", lease_seconds=600)
-    sizes = _counting(tracker, "start_attempts")
+    sizes, _ = _counting(tracker)
     assert [recorder.start(u, "A", "validate") for u in uuids] == [1] * requests
     assert sizes == [1] * requests  # one after the other: nothing waits for company

@@ -181,3 +181,45 @@ def test_the_heartbeat_never_waits_for_a_batch_being_recorded(postgres_url):
         assert not beat.is_alive(), "the heartbeat waited for the rows being recorded"
     assert done == [3]
     engine.dispose()
+
+
+def test_record_attempts_starts_and_records_in_one_transaction(engine, clock):
+    from tracking import Completion, ExecutionResult, Start
+
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"S{i}"} for i in range(4)])
+    mine = tracker.claim(P, "A", owner="run-1", limit=3)
+    other = tracker.claim(P, "A", owner="run-2", limit=1)
+    tracker.start_attempts("A", "validate", [mine[0].uuid], owner="run-1")
+    attempts, recorded = tracker.record_attempts(
+        [Start(mine[1].uuid, "A", "validate"), Start(other[0].uuid, "A", "validate"),
+         Start(mine[2].uuid, "A", "validate")],
+        [Completion(mine[0].uuid, "A", "validate", ExecutionResult(0))], owner="run-1")
+    assert attempts == [1, None, 1]  # None: reserved by another run, not started
+    assert [s.state for s in recorded] == [StageState.COMPLETED]
+    assert [r[1:] for r in _rows(tracker)] == [
+        ("IN_PROGRESS", "COMPLETED", 1, True),
+        ("IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("IN_PROGRESS", "IN_PROGRESS", 1, True),
+        ("PENDING", "IN_PROGRESS", 0, False),
+    ]
+
+
+def test_record_attempts_rolls_back_its_starts_when_a_result_fails(engine, clock):
+    from tracking import Completion, ExecutionResult, Start
+
+    tracker = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    tracker.start_many(P, [{"request_id": f"S{i}"} for i in range(2)])
+    mine = tracker.claim(P, "A", owner="run-1", limit=2)
+    tracker.start_attempts("A", "validate", [mine[0].uuid], owner="run-1")
+    twice = [Completion(mine[0].uuid, "A", "validate", ExecutionResult(0))] * 2
+    with pytest.raises(ValueError, match="one result per transaction"):
+        tracker.record_attempts([Start(mine[1].uuid, "A", "validate")], twice, owner="run-1")
+    assert [r[3:] for r in _rows(tracker)] == [(1, True), (0, False)]  # nothing written
+
+
+@pytest.mark.parametrize("starts", ["A", [("u", "A", "validate")], [None]])
+def test_record_attempts_rejects_starts_that_are_not_start_entries(engine, starts):
+    tracker = Tracker(engine, processes=[cancellation_process()])
+    with pytest.raises(TypeError, match="tracking.store.Start entries"):
+        tracker.record_attempts(starts, [], owner="run-1")

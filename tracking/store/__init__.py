@@ -15,9 +15,9 @@
 """
 
 from tracking.store.batches import Completion
-from tracking.store.claims import Reservation
+from tracking.store.claims import Reservation, Start
 from tracking.store.intake import Intake
 from tracking.store.sql import MAX_CLAIM
 from tracking.store.tracker import Tracker
 
-__all__ = ["MAX_CLAIM", "Completion", "Intake", "Reservation", "Tracker"]
+__all__ = ["MAX_CLAIM", "Completion", "Intake", "Reservation", "Start", "Tracker"]

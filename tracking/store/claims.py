@@ -280,6 +280,14 @@ def extend_lease(engine: Engine, uuid: str, platform: str, stage: str, owner: st
     return expires
 
 
+class Start(NamedTuple):
+    """The start of one reserved stage's attempt, for ``Tracker.record_attempts``."""
+
+    uuid: str
+    platform: str
+    stage: str
+
+
 def start_attempt(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
                   now: datetime, lease_seconds: float) -> int:
     """Start the attempt of a reserved stage; its number, or ``LeaseLost``."""
@@ -294,13 +302,19 @@ def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[st
     """Start the attempts of many reserved stages of one platform stage together (two
     statements however many); the attempt number of each one started, by uuid (the others are
     no longer reserved by ``owner``)."""
+    with engine.begin() as conn:
+        return start_attempts_in(conn, platform, stage, uuids, owner, now, lease_seconds)
+
+
+def start_attempts_in(conn: Connection, platform: str, stage: str, uuids: Sequence[str],
+                      owner: str, now: datetime, lease_seconds: float) -> dict[str, int]:
+    """``start_attempts`` in the caller's database transaction."""
     params = {"b_uuids": list(uuids), "b_platform": platform, "b_stage": stage,
               "b_owner": owner, "b_now": now,
               "b_expires": now + timedelta(seconds=lease_seconds)}
-    with engine.begin() as conn:
-        rows = conn.execute(_START_ATTEMPTS, params).all()
-        if rows:
-            conn.execute(_TXS_STARTED, {"b_uuids": [uuid for uuid, _ in rows], "b_now": now})
+    rows = conn.execute(_START_ATTEMPTS, params).all()
+    if rows:
+        conn.execute(_TXS_STARTED, {"b_uuids": [uuid for uuid, _ in rows], "b_now": now})
     return {uuid: int(attempt) for uuid, attempt in rows}
 
 

@@ -42,6 +42,7 @@ from tracking.store import (
     transitions,
 )
 from tracking.store.batches import Completion
+from tracking.store.claims import Start
 from tracking.store.intake import Intake
 from tracking.store.sql import check_limit, check_owner, check_seconds, lock
 
@@ -378,23 +379,51 @@ class Tracker:
         Each entry of the answer is the recorded stage, in order, or a ``LeaseLost`` for a
         stage no longer claimed by ``owner`` (nothing is written for it; the others are).
         """
-        owner = check_owner(owner)
-        if isinstance(completions, str | bytes) or not all(
-            isinstance(c, Completion) for c in completions
-        ):
-            raise TypeError("complete_many takes a list of tracking.store.Completion entries, "
-                            f"got {type(completions).__name__} holding other values")
-        completions = [
-            c if isinstance(c.result, ExecutionResult)
-            else Completion(c.uuid, c.platform, c.stage, to_result(c.result), c.task_run_id)
-            for c in completions
-        ]
+        owner, completions = check_owner(owner), _checked_completions(completions)
         if not completions:
             return []
         with self.engine.begin() as conn:
             recorded = batches.apply_many(conn, completions, owner, self.clock(), self.rng,
                                           flow_run_id=flow_run_id)
         return recorded.stages()
+
+    @rarer_young_collections()
+    def record_attempts(
+        self, starts: Sequence[Start], completions: Sequence[Completion], *, owner: str,
+        lease_seconds: float = 1800, flow_run_id: str | None = None,
+    ) -> tuple[list[int | None], list[TxStage | LeaseLost]]:
+        """``start_attempts`` and ``complete_many`` together, in one database transaction:
+        what the task runs of one run ask for at the same moment (``tracking.recorder``).
+
+        Example:
+            attempts, recorded = tracker.record_attempts(
+                [Start(uuid_b, "SAP", "main")],
+                [Completion(uuid_a, "SAP", "main", ExecutionResult(0))], owner="run-42")
+
+        Returns the attempt number of each start, in order (None: the stage is no longer
+        reserved by ``owner``: do not call the platform), and ``complete_many``'s answer for
+        the completions. The starts are written first; a start and a completion of the same
+        stage do not belong in one call (the platform is called between them).
+        """
+        owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
+        completions = _checked_completions(completions)
+        if isinstance(starts, str | bytes) or not all(isinstance(s, Start) for s in starts):
+            raise TypeError("record_attempts takes a list of tracking.store.Start entries, "
+                            f"got {type(starts).__name__} holding other values")
+        by_stage: dict[tuple[str, str], list[str]] = {}
+        for start in starts:
+            by_stage.setdefault((start.platform, start.stage), []).append(start.uuid)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            started: dict[tuple[str, str, str], int] = {}
+            for (platform, stage), uuids in by_stage.items():
+                got = claims.start_attempts_in(conn, platform, stage, uuids, owner, now,
+                                               lease_seconds)
+                started.update(((u, platform, stage), n) for u, n in got.items())
+            recorded = batches.apply_many(conn, completions, owner, now, self.rng,
+                                          flow_run_id=flow_run_id) if completions else None
+        return ([started.get(tuple(s)) for s in starts],  # type: ignore[call-overload]
+                recorded.stages() if recorded is not None else [])
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -481,6 +510,19 @@ class Tracker:
     def get_transaction(self, uuid: str) -> TxProcess:
         """The transaction with its ``stages`` (in order) and ``events`` (the audit trail)."""
         return reads.get_transaction(self.engine, uuid)
+
+
+def _checked_completions(completions: Any) -> list[Completion]:
+    if isinstance(completions, str | bytes) or not all(
+        isinstance(c, Completion) for c in completions
+    ):
+        raise TypeError("complete_many takes a list of tracking.store.Completion entries, "
+                        f"got {type(completions).__name__} holding other values")
+    return [
+        c if isinstance(c.result, ExecutionResult)
+        else Completion(c.uuid, c.platform, c.stage, to_result(c.result), c.task_run_id)
+        for c in completions
+    ]
 
 
 def _check_uuids(uuids: Any) -> list[str]:
