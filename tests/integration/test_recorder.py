@@ -162,3 +162,41 @@ def test_a_lone_request_is_written_at_once_by_its_own_thread(engine, requests):
     sizes, _ = _counting(tracker)
     assert [recorder.start(u, "A", "validate") for u in uuids] == [1] * requests
     assert sizes == [1] * requests  # one after the other: nothing waits for company
+
+
+class _Sleeps:
+    """Stands in for the ``time`` module of ``tracking.recorder``: records its sleeps."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        time.sleep(seconds)
+
+
+def test_a_writer_waits_for_company_only_while_task_runs_are_busy_side_by_side(
+    engine, monkeypatch
+):
+    import tracking.recorder as recorder_module
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(recorder_module, "time", sleeps)
+    tracker = Tracker(engine, processes=[cancellation_process()])
+    uuids = _claimed(tracker, 10)
+    recorder = Recorder(tracker, owner="run-1", lease_seconds=600)
+
+    # One after the other (a sequential run): groups of one, nobody waits.
+    assert [recorder.start(u, "A", "validate") for u in uuids[:2]] == [1, 1]
+    assert sleeps.calls == []
+
+    # Side by side: groups of several; the writer after such a group waits for company.
+    starts, _ = _counting(tracker, delay=0.2)  # the others queue behind the first write
+    assert _in_threads([lambda u=u: recorder.start(u, "A", "validate")
+                        for u in uuids[2:8]]) == [1] * 6
+    assert max(starts) > 1
+    sleeps.calls.clear()
+    assert recorder.start(uuids[8], "A", "validate") == 1  # alone, after a group of several
+    assert sleeps.calls == [recorder_module.LINGER_SECONDS]
+    assert recorder.start(uuids[9], "A", "validate") == 1  # alone after alone: no wait
+    assert sleeps.calls == [recorder_module.LINGER_SECONDS]
