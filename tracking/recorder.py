@@ -130,21 +130,12 @@ class Recorder:
         ``complete_many`` cannot take with the others (a second result for one transaction, or
         another flow run: never in a run, a caller of its own might) each in one more."""
         starts = [r for r in group if r.result is None]
-        parts: list[tuple[str | None, set[str], list[_Request]]] = []
-        for request in (r for r in group if r.result is not None):
-            for flow_run_id, uuids, part in parts:
-                if flow_run_id == request.flow_run_id and request.uuid not in uuids:
-                    uuids.add(request.uuid)
-                    part.append(request)
-                    break
-            else:
-                parts.append((request.flow_run_id, {request.uuid}, [request]))
-        first: list[_Request] = parts[0][2] if parts else []
+        parts = _parts([r for r in group if r.result is not None])
+        flow_run_id, first = parts[0] if parts else (None, [])
         try:
             attempts, recorded = self.tracker.record_attempts(
                 [Start(r.uuid, r.platform, r.stage) for r in starts], _completions(first),
-                owner=self.owner, lease_seconds=self.lease_seconds,
-                flow_run_id=parts[0][0] if parts else None)
+                owner=self.owner, lease_seconds=self.lease_seconds, flow_run_id=flow_run_id)
         except Exception as exc:  # this transaction failed: its requests say so
             _fail([*starts, *first], exc)
         else:
@@ -154,7 +145,7 @@ class Recorder:
                     request)
             for request, outcome in zip(first, recorded, strict=True):
                 request.outcome = outcome
-        for flow_run_id, _, requests in parts[1:]:
+        for flow_run_id, requests in parts[1:]:
             try:
                 recorded = self.tracker.complete_many(
                     _completions(requests), owner=self.owner, flow_run_id=flow_run_id)
@@ -167,6 +158,21 @@ class Recorder:
     def _why_not_started(self, request: _Request) -> LeaseLost:
         return LeaseLost(why_not_reserved(self.tracker.engine, request.uuid, request.platform,
                                           request.stage, self.owner))
+
+
+def _parts(results: list[_Request]) -> list[tuple[str | None, list[_Request]]]:
+    """Results split where ``complete_many`` cannot take them together: one result per
+    transaction, of one flow run (a run's results always fit in one part)."""
+    parts: list[tuple[str | None, set[str], list[_Request]]] = []
+    for request in results:
+        for flow_run_id, uuids, part in parts:
+            if flow_run_id == request.flow_run_id and request.uuid not in uuids:
+                uuids.add(request.uuid)
+                part.append(request)
+                break
+        else:
+            parts.append((request.flow_run_id, {request.uuid}, [request]))
+    return [(flow_run_id, part) for flow_run_id, _, part in parts]
 
 
 def _completions(requests: Sequence[_Request]) -> list[Completion]:

@@ -223,3 +223,13 @@ def test_record_attempts_rejects_starts_that_are_not_start_entries(engine, start
     tracker = Tracker(engine, processes=[cancellation_process()])
     with pytest.raises(TypeError, match="tracking.store.Start entries"):
         tracker.record_attempts(starts, [], owner="run-1")
+
+
+@pytest.mark.parametrize("start", [(1, "A", "validate"), ("u", None, "validate"),
+                                   ("u", "A", b"validate")])
+def test_record_attempts_rejects_a_start_whose_fields_are_not_strings(engine, start):
+    from tracking import Start
+
+    tracker = Tracker(engine, processes=[cancellation_process()])
+    with pytest.raises(ValueError, match="must be a string"):
+        tracker.record_attempts([Start(*start)], [], owner="run-1")

@@ -251,9 +251,7 @@ class Tracker:
         the platform.
         """
         owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
-        for name, value in (("uuid", uuid), ("platform", platform), ("stage", stage)):
-            if not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}")
+        _check_strings(uuid=uuid, platform=platform, stage=stage)
         return claims.start_attempt(self.engine, uuid, platform, stage, owner, self.clock(),
                                     lease_seconds)
 
@@ -272,9 +270,7 @@ class Tracker:
         """
         owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
         uuids = _check_uuids(uuids)
-        for name, value in (("platform", platform), ("stage", stage)):
-            if not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}")
+        _check_strings(platform=platform, stage=stage)
         return claims.start_attempts(self.engine, platform, stage, uuids, owner, self.clock(),
                                      lease_seconds)
 
@@ -387,7 +383,7 @@ class Tracker:
                                           flow_run_id=flow_run_id)
         return recorded.stages()
 
-    @rarer_young_collections()
+    @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def record_attempts(
         self, starts: Sequence[Start], completions: Sequence[Completion], *, owner: str,
         lease_seconds: float = 1800, flow_run_id: str | None = None,
@@ -412,17 +408,20 @@ class Tracker:
                             f"got {type(starts).__name__} holding other values")
         by_stage: dict[tuple[str, str], list[str]] = {}
         for start in starts:
+            _check_strings(**start._asdict())
             by_stage.setdefault((start.platform, start.stage), []).append(start.uuid)
+        if not starts and not completions:
+            return [], []
         now = self.clock()
+        started: dict[Start, int] = {}
         with self.engine.begin() as conn:
-            started: dict[tuple[str, str, str], int] = {}
             for (platform, stage), uuids in by_stage.items():
                 got = claims.start_attempts_in(conn, platform, stage, uuids, owner, now,
                                                lease_seconds)
-                started.update(((u, platform, stage), n) for u, n in got.items())
+                started.update((Start(u, platform, stage), n) for u, n in got.items())
             recorded = batches.apply_many(conn, completions, owner, now, self.rng,
                                           flow_run_id=flow_run_id) if completions else None
-        return ([started.get(tuple(s)) for s in starts],  # type: ignore[call-overload]
+        return ([started.get(s) for s in starts],
                 recorded.stages() if recorded is not None else [])
 
     # -- operator actions ------------------------------------------------------------------
@@ -523,6 +522,12 @@ def _checked_completions(completions: Any) -> list[Completion]:
         else Completion(c.uuid, c.platform, c.stage, to_result(c.result), c.task_run_id)
         for c in completions
     ]
+
+
+def _check_strings(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
 
 
 def _check_uuids(uuids: Any) -> list[str]:
