@@ -1,0 +1,180 @@
+"""One-by-one paths against an earlier revision of this project and against SQLite's floor,
+in the same run: ``start_or_resume`` per item, then ``claim`` + ``start_attempt`` +
+``complete_stage`` per stage, SQLite file, the same payloads.
+
+A machine that is twice as slow today halves every absolute figure; the ratios to the
+earlier revision (same machine, same minute, alternated) and to the floor do not move. The
+floor replays the very statements one ``start_or_resume`` of this tree executes (schema,
+indexes and triggers included) through the bare ``sqlite3`` driver, one committed
+transaction per item: what a durable item-at-a-time intake costs before any Python of ours.
+
+Usage:
+    .venv/bin/python bench/bench_one_by_one.py                      # this tree and the floor
+    .venv/bin/python bench/bench_one_by_one.py --against 4dbeea5    # + an earlier revision
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "one-by-one.json"
+
+
+def measure(tree: str, n: int) -> dict[str, Any]:
+    """In a child process: the rates of ``tree``'s tracking package (whatever its age: only
+    the API every revision has is used)."""
+    sys.path.insert(0, tree)
+    from tracking import (
+        ExecutionResult,
+        KeyFields,
+        Platform,
+        Process,
+        RetryPolicy,
+        Tracker,
+        connect,
+    )
+
+    engine = connect(f"sqlite:///{tempfile.mkdtemp()}/one.db", migrate=True)
+    tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
+    t0 = time.perf_counter()
+    for p in _payloads(n):
+        tracker.start_or_resume("ONE", p, source="bench")
+    intake = time.perf_counter() - t0
+    start = record = claim = 0.0
+    while True:
+        t0 = time.perf_counter()
+        batch = tracker.claim("ONE", "A", owner="w", limit=500)
+        claim += time.perf_counter() - t0
+        if not batch:
+            break
+        for s in batch:
+            t0 = time.perf_counter()
+            if hasattr(tracker, "start_attempt"):  # older revisions count at the claim
+                tracker.start_attempt(s.uuid, "A", s.stage, owner="w")
+            t1 = time.perf_counter()
+            tracker.complete_stage(s.uuid, "A", ExecutionResult(0), stage=s.stage, owner="w")
+            start, record = start + t1 - t0, record + time.perf_counter() - t1
+    return {"intake_per_s": n / intake, "complete_stage_per_s": n / record,
+            "run_per_s": n / (claim + start + record)}
+
+
+def floor(tree: str, n: int) -> dict[str, Any]:
+    """In a child process: the statements of one ``start_or_resume`` replayed ``n`` times
+    through the bare driver, each item committed alone."""
+    import sqlite3
+
+    sys.path.insert(0, tree)
+    from sqlalchemy import event
+
+    from tracking import KeyFields, Platform, Process, RetryPolicy, Tracker, connect
+
+    path = f"{tempfile.mkdtemp()}/floor.db"
+    engine = connect(f"sqlite:///{path}", migrate=True)
+    tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
+    seen: list[tuple[str, Any, bool]] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, stmt, params, _ctx, many: seen.append((stmt, params, many)))
+    first = tracker.start_or_resume("ONE", _payloads(1)[0])[0]
+    engine.dispose()
+    statements = [s for s in seen if not s[0].startswith("BEGIN")]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+
+    def fresh(params: Any, new: str) -> list[Any]:
+        # The new item's uuid wherever the first one's was; its fingerprint unique too.
+        return [new if v == first else v for v in params]
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        new = str(uuid.uuid4())
+        db.execute("BEGIN IMMEDIATE")
+        for stmt, params, many in statements:
+            if many:
+                db.executemany(stmt, [fresh(p, new) for p in params])
+            else:
+                values = fresh(params, new)
+                if stmt.startswith("INSERT INTO tx_process"):
+                    values[2] = new  # the fingerprint column
+                db.execute(stmt, values)
+        db.execute("COMMIT")
+    return {"intake_per_s": n / (time.perf_counter() - t0)}
+
+
+def _process(Process: Any, Platform: Any, RetryPolicy: Any, KeyFields: Any) -> Any:
+    return Process("ONE", dedup=KeyFields("id"), platforms=[
+        Platform(code, order=k + 1, retry=RetryPolicy(max_attempts=3))
+        for k, code in enumerate("ABC")])
+
+
+def _payloads(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"I{i:07d}", "customer": f"C{i % 997}", "amount": i % 5000, "note": "x" * 40}
+            for i in range(n)]
+
+
+def _child(kind: str, tree: str, n: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--tree", tree,
+                          "--n", str(n)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=5000, help="items per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--against", default=None,
+                        help="a git revision of this project to measure alternately")
+    parser.add_argument("--child", choices=("measure", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.repeats < 1:
+        parser.error("--n and --repeats must be positive")
+    if args.child:
+        print(json.dumps((measure if args.child == "measure" else floor)(args.tree, args.n)))
+        return 0
+    trees = {"this tree": str(ROOT)}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-one-"))
+    if args.against:
+        old = workdir / "against"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old),
+                        args.against], check=True)
+        trees[args.against] = str(old)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*trees, "sqlite3 floor"]}
+    try:
+        for _ in range(args.repeats):  # alternated: a busy minute hurts every side alike
+            for name, tree in trees.items():
+                runs[name].append(_child("measure", tree, args.n))
+            runs["sqlite3 floor"].append(_child("floor", str(ROOT), args.n))
+    finally:
+        if args.against:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(workdir / "against")], check=False)
+    best = {name: {k: max(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    print(f"One by one, SQLite, N = {args.n:,}, best of {args.repeats} (alternated):")
+    columns = {"intake_per_s": "start_or_resume/s", "complete_stage_per_s": "complete_stage/s",
+               "run_per_s": "claim+start+complete/s"}
+    print(f"  {'':<16}" + "".join(f"{title:>24}" for title in columns.values()))
+    for name, b in best.items():
+        print(f"  {name:<16}" + "".join(
+            f"{b[k]:>24,.0f}" if k in b else f"{'-':>24}" for k in columns))
+    mine = best["this tree"]
+    for name, b in best.items():
+        if name != "this tree":
+            print(f"  this tree / {name}: " + ", ".join(
+                f"{columns[k]} {mine[k] / b[k]:.2f}x" for k in columns if k in b))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"n": args.n, "runs": runs, "best": best}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
