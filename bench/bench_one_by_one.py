@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+import uuid_utils
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "one-by-one.json"
@@ -96,7 +97,7 @@ def floor(tree: str, n: int) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     for _ in range(n):
-        new = str(uuid.uuid4())
+        new = str(uuid_utils.uuid7())  # as this project makes them (they sort by time)
         db.execute("BEGIN IMMEDIATE")
         for stmt, params, many in statements:
             if many:
