@@ -134,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--against", default=None,
                         help="a git revision of this project to measure alternately")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N = 300, once")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     parser.add_argument("--child", choices=("measure", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = 300, 1
     if args.n < 1 or args.repeats < 1:
         parser.error("--n and --repeats must be positive")
     if args.child:
@@ -172,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if name != "this tree":
             print(f"  this tree / {name}: " + ", ".join(
                 f"{columns[k]} {mine[k] / b[k]:.2f}x" for k in columns if k in b))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"n": args.n, "runs": runs, "best": best}, indent=2))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"n": args.n, "repeats": args.repeats,
+                                       "against": args.against, "runs": runs, "best": best},
+                                      indent=2))
     return 0
 
 

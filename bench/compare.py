@@ -78,6 +78,8 @@ CLAIM_LIMIT = 500
 #: The N of the issue's targets for this comparison.
 TARGET_N = 10_000
 CHUNK = 1000
+# The code the speed issue was filed against (2026-11-23): "now" in "3x faster than now".
+ISSUE_BASELINE = "4dbeea5"
 #: The SQLite settings of ``tracking.db`` that matter to a single writer, given to rpa-tracker
 #: too, so that the comparison is of the libraries, not of fsync per commit. rpa-tracker is
 #: also measured as shipped (SQLite's defaults), as the issue measured it.
@@ -650,6 +652,12 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
              "--output", str(_rel(RESULTS_DIR / "compare-prefect-postgresql.json"))],
             RESULTS_DIR / "compare-prefect-postgresql.json"))
     out.append((
+        f"One by one, SQLite: this tree against the code of the issue's time ({ISSUE_BASELINE}) "
+        "and against the bare driver's floor, alternated",
+        ["bench/bench_one_by_one.py", "--against", ISSUE_BASELINE, *quick,
+         "--output", str(_rel(RESULTS_DIR / "compare-one-by-one.json"))],
+        RESULTS_DIR / "compare-one-by-one.json"))
+    out.append((
         "HTTP API, SQLite: `POST /transactions` and `GET /reports/summary` at 100k rows",
         ["bench/bench_api.py", *quick], RESULTS_DIR / "api-sqlite.json"))
     return out
@@ -678,6 +686,8 @@ def companion_targets(entry: dict[str, Any]) -> list[tuple[str, str, bool]]:
     result = entry["result"]
     if "meta" in result:  # bench_prefect.py
         return [(t["name"].strip(), t["detail"], t["met"]) for t in result["meta"]["targets"]]
+    if "best" in result:  # bench_one_by_one.py
+        return one_by_one_targets(result)
     targets, out = result["targets"], []
     create = result["create"]
     out.append((f"`POST /transactions` >= {targets['create_requests_per_s']:,}/s "
@@ -694,11 +704,29 @@ def companion_targets(entry: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def one_by_one_targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's "one-by-one start_or_resume and complete_stage at least 3x faster than
+    now", now being the code it was filed against, measured in the same run."""
+    then, mine = result["best"][result["against"]], result["best"]["this tree"]
+    floor = result["best"]["sqlite3 floor"]["intake_per_s"]
+    out = []
+    for key, name in (("intake_per_s", "`start_or_resume`"),
+                      ("complete_stage_per_s", "`complete_stage`")):
+        ratio = mine[key] / then[key]
+        figure = f"{mine[key]:,.0f} / {then[key]:,.0f}/s = {ratio:.2f}x"
+        if key == "intake_per_s":
+            figure += (f" (the bare driver, same statements, a commit per item: {floor:,.0f}/s "
+                       f"= {floor / then[key]:.2f}x)")
+        out.append((f"one by one, {name} >= 3x {result['against']} (N = {result['n']:,})",
+                    figure, ratio >= 3))
+    return out
+
+
 def render_companions(companions: list[dict[str, Any]]) -> str:
     if not companions:
         return ""
-    lines = ["", "## The Prefect layer and the HTTP API (the same run, after the comparison)",
-             ""]
+    lines = ["", "## The Prefect layer, the one-by-one paths and the HTTP API (the same run, "
+             "after the comparison)", ""]
     for entry in companions:
         lines += [f"### {entry['title']}", "",
                   f"`{entry['command']}` ({entry['seconds']:,.0f} s)", ""]
