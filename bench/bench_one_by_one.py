@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "one-by-one.json"
 
 
-def measure(tree: str, n: int) -> dict[str, Any]:
+def measure(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the rates of ``tree``'s tracking package (whatever its age: only
     the API every revision has is used)."""
-    sys.path.insert(0, tree)
+    _import_tracking_of(tree)
     from tracking import (
         ExecutionResult,
         KeyFields,
@@ -44,7 +44,7 @@ def measure(tree: str, n: int) -> dict[str, Any]:
         connect,
     )
 
-    engine = connect(f"sqlite:///{tempfile.mkdtemp()}/one.db", migrate=True)
+    engine = connect(f"sqlite:///{workdir}/one.db", migrate=True)
     tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
     t0 = time.perf_counter()
     for p in _payloads(n):
@@ -68,28 +68,25 @@ def measure(tree: str, n: int) -> dict[str, Any]:
             "run_per_s": n / (claim + start + record)}
 
 
-def floor(tree: str, n: int) -> dict[str, Any]:
+def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the statements of one ``start_or_resume`` replayed ``n`` times
     through the bare driver, each item committed alone."""
-    import sqlite3
-
-    sys.path.insert(0, tree)
+    _import_tracking_of(tree)
     from sqlalchemy import event
 
     from tracking import KeyFields, Platform, Process, RetryPolicy, Tracker, connect
 
-    path = f"{tempfile.mkdtemp()}/floor.db"
-    engine = connect(f"sqlite:///{path}", migrate=True)
+    engine = connect(f"sqlite:///{workdir}/floor.db", migrate=True)
     tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
     seen: list[tuple[str, Any, bool]] = []
     event.listen(engine, "before_cursor_execute",
                  lambda _c, _cur, stmt, params, _ctx, many: seen.append((stmt, params, many)))
     first = tracker.start_or_resume("ONE", _payloads(1)[0])[0]
-    engine.dispose()
     statements = [s for s in seen if not s[0].startswith("BEGIN")]
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
+    # The driver's connection as the engine set it up (the project's pragmas: WAL,
+    # synchronous, cache, checkpoint interval, foreign keys), used bare.
+    raw = engine.raw_connection()
+    db = raw.driver_connection
 
     def fresh(params: Any, new: str) -> list[Any]:
         # The new item's uuid wherever the first one's was; its fingerprint unique too.
@@ -108,7 +105,20 @@ def floor(tree: str, n: int) -> dict[str, Any]:
                     values[2] = new  # the fingerprint column
                 db.execute(stmt, values)
         db.execute("COMMIT")
-    return {"intake_per_s": n / (time.perf_counter() - t0)}
+    rate = n / (time.perf_counter() - t0)
+    raw.close()
+    engine.dispose()
+    return {"intake_per_s": rate}
+
+
+def _import_tracking_of(tree: str) -> None:
+    """Import ``tree``'s tracking package, not the one this venv has installed (which would
+    measure this tree twice without a word)."""
+    sys.path.insert(0, tree)
+    import tracking
+
+    if not Path(tracking.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"imported {tracking.__file__}, not the tracking package of {tree}")
 
 
 def _process(Process: Any, Platform: Any, RetryPolicy: Any, KeyFields: Any) -> Any:
@@ -118,14 +128,27 @@ def _process(Process: Any, Platform: Any, RetryPolicy: Any, KeyFields: Any) -> A
 
 
 def _payloads(n: int) -> list[dict[str, Any]]:
+    # Not bench_store.payload: that module imports this tree's tracking at its top.
     return [{"id": f"I{i:07d}", "customer": f"C{i % 997}", "amount": i % 5000, "note": "x" * 40}
             for i in range(n)]
 
 
 def _child(kind: str, tree: str, n: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--tree", tree,
-                          "--n", str(n)], check=True, capture_output=True, text=True)
+                          "--n", str(n)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the {kind} of {tree} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _revision(rev: str) -> str:
+    """The commit ``rev`` names in this repository, or a clear error."""
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                            f"{rev}^{{commit}}"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"--against {rev!r}: no such commit in {ROOT} (a shallow clone "
+                         "may lack it: git fetch --unshallow)")
+    return found.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,25 +167,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.repeats < 1:
         parser.error("--n and --repeats must be positive")
     if args.child:
-        print(json.dumps((measure if args.child == "measure" else floor)(args.tree, args.n)))
+        with tempfile.TemporaryDirectory(prefix="bench-one-") as workdir:
+            child = measure if args.child == "measure" else floor
+            print(json.dumps(child(args.tree, args.n, workdir)))
         return 0
     trees = {"this tree": str(ROOT)}
-    workdir = Path(tempfile.mkdtemp(prefix="bench-one-"))
-    if args.against:
-        old = workdir / "against"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old),
-                        args.against], check=True)
-        trees[args.against] = str(old)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*trees, "sqlite3 floor"]}
-    try:
-        for _ in range(args.repeats):  # alternated: a busy minute hurts every side alike
-            for name, tree in trees.items():
-                runs[name].append(_child("measure", tree, args.n))
-            runs["sqlite3 floor"].append(_child("floor", str(ROOT), args.n))
-    finally:
-        if args.against:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(workdir / "against")], check=False)
+    commit = _revision(args.against) if args.against else None
+    with tempfile.TemporaryDirectory(prefix="bench-one-") as workdir:
+        old = Path(workdir) / "against"
+        if commit:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
+                            str(old), commit], check=True)
+            trees[args.against] = str(old)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*trees, "sqlite3 floor"]}
+        try:
+            for _ in range(args.repeats):  # alternated: a busy minute hurts every side alike
+                for name, tree in trees.items():
+                    runs[name].append(_child("measure", tree, args.n))
+                runs["sqlite3 floor"].append(_child("floor", str(ROOT), args.n))
+        finally:
+            if commit:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                str(old)], check=False)
     best = {name: {k: max(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print(f"One by one, SQLite, N = {args.n:,}, best of {args.repeats} (alternated):")
     columns = {"intake_per_s": "start_or_resume/s", "complete_stage_per_s": "complete_stage/s",

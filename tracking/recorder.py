@@ -100,7 +100,9 @@ class Recorder:
         return request.answer()
 
     def _write_group(self) -> None:
-        if self._last_group > 1 and len(self._queued) < COMPANY:
+        with self._lock:
+            linger = self._last_group > 1 and len(self._queued) < COMPANY
+        if linger:
             time.sleep(LINGER_SECONDS)
         with self._lock:
             group, self._queued = self._queued, []
