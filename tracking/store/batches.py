@@ -18,6 +18,7 @@ from tracking.errors import LeaseLost
 from tracking.models import EventKind, StageState, TxStage, TxState, from_row
 from tracking.outcomes import ExecutionResult, Outcome
 from tracking.states import RUNNABLE_STAGE_STATES, StageFacts, Transition, decide
+from tracking.store.driver import execute_many
 from tracking.store.sql import (
     INSERT_EVENTS,
     STAGE,
@@ -26,7 +27,6 @@ from tracking.store.sql import (
     UPDATE_TXS,
     any_of,
     execute_grouped,
-    execute_many,
     lock,
     retry_policy,
     tx_changes,

@@ -22,38 +22,22 @@ from tracking.catalog import Process
 from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
 from tracking.schedule import Item, Schedule
-from tracking.store.sql import (
-    INSERT_EVENTS,
-    STAGE,
-    TX,
-    any_of,
-    execute_many,
-    policy_columns,
-)
+from tracking.store.driver import execute_many, fetch
+from tracking.store.sql import INSERT_EVENTS, STAGE, TX, any_of, policy_columns
 
 _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
     TX.c.process_code == sa.bindparam("b_process"),
     any_of(TX.c.fingerprint, "b_fingerprints"),
 )
 _INSERT_STAGES = sa.insert(STAGE).inline()  # for execute_many: no RETURNING
-_TX_COLUMNS = ("uuid", "process_code", "fingerprint", "business_key", "source", "payload",
-               "state", "created_at", "updated_at", "priority", "not_before", "deadline",
-               "due_at")
 _INSERT_TRANSACTIONS = {
     dialect: insert(TX).on_conflict_do_nothing(index_elements=["process_code", "fingerprint"])
     for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
 }
-# SQLAlchemy never caches a compiled ON CONFLICT insert; for the one-item path
-# (start_or_resume) the same SQL as text is compiled once and reused.
-_INSERT_ONE_TRANSACTION = (
-    sa.text(
-        f"INSERT INTO tx_process ({', '.join(_TX_COLUMNS)}) "
-        f"VALUES ({', '.join(':' + c for c in _TX_COLUMNS)}) "
-        "ON CONFLICT (process_code, fingerprint) DO NOTHING RETURNING fingerprint"
-    )
-    .bindparams(*(sa.bindparam(c, type_=TX.c[c].type) for c in _TX_COLUMNS))
-    .columns(TX.c.fingerprint)
-)
+# The one-item path (start_or_resume) learns from RETURNING whether its row was new.
+_INSERT_ONE_TRANSACTION = {
+    dialect: insert.returning(TX.c.fingerprint) for dialect, insert in _INSERT_TRANSACTIONS.items()
+}
 
 
 def new_uuid() -> str:
@@ -135,13 +119,13 @@ def start_many(
     with engine.begin() as conn:
         rows = list(new_rows.values())
         if len(rows) == 1:
-            created = {r.fingerprint for r in conn.execute(_INSERT_ONE_TRANSACTION, rows[0])}
+            insert = _INSERT_ONE_TRANSACTION[conn.dialect.name]
+            created = {r.fingerprint for r in fetch(conn, insert, rows[0])}
             existing = _uuids_by_fingerprint(conn, process.code, [
                 fp for fp in new_rows if fp not in created])
         else:
             # Many rows: one executemany that skips the fingerprints already taken, then one
-            # read of every fingerprint's uuid: a row holding the uuid made here is new (an
-            # ON CONFLICT insert with RETURNING is compiled anew on every call).
+            # read of every fingerprint's uuid: a row holding the uuid made here is new.
             execute_many(conn, _INSERT_TRANSACTIONS[conn.dialect.name], rows)
             existing = _uuids_by_fingerprint(conn, process.code, list(new_rows))
             created = {fp for fp, row in new_rows.items() if existing[fp] == row["uuid"]}
@@ -165,7 +149,7 @@ def _uuids_by_fingerprint(
     if not fingerprints:
         return {}
     params = {"b_process": process_code, "b_fingerprints": fingerprints}
-    return dict(conn.execute(_SELECT_FINGERPRINTS, params).all())
+    return dict(fetch(conn, _SELECT_FINGERPRINTS, params))
 
 
 def _insert_stages(

@@ -9,8 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +23,7 @@ from tracking.errors import TransactionNotFound
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.policy import RetryPolicy
 from tracking.states import FINAL_TX_STATES
+from tracking.store.driver import execute, execute_many, fetch
 
 
 class _Values(sa.types.TypeDecorator[list[Any]]):
@@ -102,59 +102,6 @@ UPDATE_TXS = sa.update(TX).where(any_of(TX.c.uuid, "b_uuids"))
 RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
 
 
-_FROM_ROW = object()  # a parameter each row gives (not a constant of the statement)
-
-
-@dataclass(frozen=True)
-class _DriverForm:
-    """A statement compiled for executemany: its SQL and, for each parameter in order, its
-    name, the statement's own value for it (a constant of its WHERE clause) or ``_FROM_ROW``,
-    and its type's bind processor."""
-
-    sql: str
-    positional: bool
-    params: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]
-
-
-@functools.lru_cache(maxsize=128)
-def _driver_form(statement: Any, dialect: sa.Dialect, keys: tuple[str, ...]) -> _DriverForm:
-    compiled = statement.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
-    if compiled.insert_prefetch or any(b.expanding for b in compiled.binds.values()):
-        raise ValueError("execute_many: every value must be given, and no expanding IN")
-    names = compiled.positiontup if compiled.positional else list(compiled.bind_names.values())
-    params = []
-    for name in names:
-        bind = compiled.binds[name]
-        given = _FROM_ROW if bind.required or bind.key in keys else bind.value
-        # The dialect's own form of the type, as SQLAlchemy converts (SQLite's DATETIME
-        # stores microseconds always: timestamps compare as text there).
-        params.append((name, given, bind.type.dialect_impl(dialect).bind_processor(dialect)))
-    return _DriverForm(compiled.string, compiled.positional, tuple(params))
-
-
-def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``conn.execute(statement, rows)`` for a batch, without SQLAlchemy's per-row parameter
-    handling (most of a batch's time): the statement is compiled once per dialect, and each
-    distinct value converted by its column's type once per call (a batch's rows share their
-    timestamps and states). Every row gives the same keys; an INSERT gives every column
-    that has a default (else ``ValueError``)."""
-    if not rows:
-        return
-    form = _driver_form(statement, conn.dialect, tuple(rows[0]))
-    # A column at a time: each row's values in order, then each typed column converted.
-    columns = [[row[name] for row in rows] if given is _FROM_ROW else [given] * len(rows)
-               for name, given, _ in form.params]
-    for values, (_, _, process) in zip(columns, form.params, strict=True):
-        if process is not None:
-            _convert(values, process)
-    if form.positional:
-        params: list[Any] = list(zip(*columns, strict=True))
-    else:
-        names = [name for name, _, _ in form.params]
-        params = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
-    conn.exec_driver_sql(form.sql, params)
-
-
 def execute_grouped(conn: Connection, one: Any, many: Any, key: str, names: Sequence[str],
                     groups: Mapping[tuple[Any, ...], Sequence[Any]]) -> None:
     """Write rows that share their values together. ``groups`` maps the values of
@@ -174,20 +121,6 @@ def execute_grouped(conn: Connection, one: Any, many: Any, key: str, names: Sequ
     execute_many(conn, one, alone)
 
 
-def _convert(values: list[Any], process: Callable[[Any], Any]) -> None:
-    """Convert a column's values in place, each distinct one once (NULL stays NULL)."""
-    done: dict[Any, Any] = {}
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        try:
-            values[i] = done[v]
-        except KeyError:
-            values[i] = done[v] = process(v)
-        except TypeError:  # unhashable (a JSON value): converted each time
-            values[i] = process(v)
-
-
 def as_dicts(rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
     """Rows of one result as dicts (the keys read once: a third of ``dict(row._mapping)``'s
     time per row)."""
@@ -202,21 +135,21 @@ def insert_for(dialect: sa.Dialect, table: sa.Table) -> Any:
     return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-def lock(conn: Connection, uuid: str) -> tuple[list[Row[Any]], Row[Any]]:
+def lock(conn: Connection, uuid: str) -> tuple[list[Any], Any]:
     """Lock the transaction's stages, then the transaction (the global lock order, so
-    concurrent workers and operators cannot deadlock)."""
+    concurrent workers and operators cannot deadlock); their rows as named tuples."""
     check_uuid(uuid)
-    stages = conn.execute(LOCK_STAGES, {"b_uuid": uuid}).all()
-    tx = conn.execute(LOCK_TX, {"b_uuid": uuid}).one_or_none()
-    if tx is None:
+    stages = fetch(conn, LOCK_STAGES, {"b_uuid": uuid})
+    tx = fetch(conn, LOCK_TX, {"b_uuid": uuid})
+    if not tx:
         raise TransactionNotFound(f"no transaction {uuid!r}")
-    return stages, tx
+    return stages, tx[0]
 
 
 def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
-    conn.execute(UPDATE_TX, {"b_uuid": tx.uuid,
-                             **tx_changes(tx.state, tx.finished_at, state, now)})
+    execute(conn, UPDATE_TX, {"b_uuid": tx.uuid,
+                              **tx_changes(tx.state, tx.finished_at, state, now)})
 
 
 def tx_changes(state: TxState, finished_at: datetime | None, to: TxState, now: datetime

@@ -30,8 +30,10 @@ from tracking.states import (
     deferred_until,
 )
 from tracking.store.catalog import current_policies
+from tracking.store.driver import execute
 from tracking.store.sql import (
     INSERT_EVENT,
+    INSERT_EVENTS,
     RESERVED,
     STAGE,
     UPDATE_STAGE,
@@ -137,8 +139,8 @@ def apply(
     if t.finished:
         changes["finished_at"] = now
     if t.unlock_next and later[0].state == StageState.PENDING:
-        conn.execute(UPDATE_STAGE, {"b_id": later[0].id, "next_attempt_at": now,
-                                    "updated_at": now})
+        execute(conn, UPDATE_STAGE, {"b_id": later[0].id, "next_attempt_at": now,
+                                     "updated_at": now})
     if t.cancel_rest:
         conn.execute(
             _CANCEL_OTHER_STAGES,
@@ -153,12 +155,13 @@ def apply(
             },
         )
     # The rows are locked; the state condition only guards against a bypassed lock.
-    done = conn.execute(_UPDATE_STAGE_FENCED, {"b_id": row.id, "b_state": from_state, **changes})
-    if done.rowcount != 1:
+    if execute(conn, _UPDATE_STAGE_FENCED, {"b_id": row.id, "b_state": from_state, **changes}
+               ) != 1:
         raise LeaseLost(f"{label(row)} changed while its attempt was being recorded")
     set_tx_state(conn, tx, t.tx_state, now)
-    conn.execute(
-        INSERT_EVENT,
+    execute(
+        conn,
+        INSERT_EVENTS,
         {
             "uuid": row.uuid,
             "process_code": row.process_code,
@@ -180,7 +183,7 @@ def apply(
             "created_at": now,
         },
     )
-    return from_row(TxStage, {**row._mapping, **changes})
+    return from_row(TxStage, {**row._asdict(), **changes})
 
 
 def record_lost_attempt(
