@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
-from tracking.db import read_only
+from tracking.db import read_only, write_transaction
 from tracking.errors import LeaseLost
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 from tracking.states import RUNNABLE_STAGE_STATES
+from tracking.store.driver import Conn, execute, fetch
 from tracking.store.leases import EXPIRED_RESERVATION, release_in
 from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, any_of, as_dicts
 
@@ -142,7 +143,8 @@ _TX_OF_RESERVED = sa.select(TX.c.uuid, TX.c.business_key, TX.c.state, TX.c.paylo
     any_of(TX.c.uuid, "b_uuids")
 )
 _TXS_STARTED = sa.update(TX).where(
-    any_of(TX.c.uuid, "b_uuids"), TX.c.state.in_([TxState.PENDING, TxState.TERMINATED]),
+    any_of(TX.c.uuid, "b_uuids"),
+    sa.or_(TX.c.state == TxState.PENDING, TX.c.state == TxState.TERMINATED),  # driver: no IN
 ).values(state=TxState.IN_PROGRESS, updated_at=sa.bindparam("b_now"))
 
 
@@ -302,19 +304,19 @@ def start_attempts(engine: Engine, platform: str, stage: str, uuids: Sequence[st
     """Start the attempts of many reserved stages of one platform stage together (two
     statements however many); the attempt number of each one started, by uuid (the others are
     no longer reserved by ``owner``)."""
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         return start_attempts_in(conn, platform, stage, uuids, owner, now, lease_seconds)
 
 
-def start_attempts_in(conn: Connection, platform: str, stage: str, uuids: Sequence[str],
+def start_attempts_in(conn: Conn, platform: str, stage: str, uuids: Sequence[str],
                       owner: str, now: datetime, lease_seconds: float) -> dict[str, int]:
     """``start_attempts`` in the caller's database transaction."""
     params = {"b_uuids": list(uuids), "b_platform": platform, "b_stage": stage,
               "b_owner": owner, "b_now": now,
               "b_expires": now + timedelta(seconds=lease_seconds)}
-    rows = conn.execute(_START_ATTEMPTS, params).all()
+    rows = fetch(conn, _START_ATTEMPTS, params)
     if rows:
-        conn.execute(_TXS_STARTED, {"b_uuids": [uuid for uuid, _ in rows], "b_now": now})
+        execute(conn, _TXS_STARTED, {"b_uuids": [uuid for uuid, _ in rows], "b_now": now})
     return {uuid: int(attempt) for uuid, attempt in rows}
 
 

@@ -30,9 +30,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tracking.db import driver_cursor
+from tracking.db import DriverConnection, driver_cursor
 
 Processor = Callable[[Any], Any] | None
+# A Connection, or a write_transaction's connection (only used when nobody watches).
+Conn = Connection | DriverConnection
 _FROM_ROW = object()  # a parameter each call gives (not a constant of the statement)
 
 
@@ -48,7 +50,8 @@ class Form:
     params: tuple[tuple[str, Any, Processor], ...]
     row: Any = None
     types: tuple[sa.types.TypeEngine[Any], ...] = ()
-    results: dict[tuple[Any, ...], tuple[Processor, ...]] = field(default_factory=dict)
+    # By the driver's column types: (column index, result processor) of each converted.
+    results: dict[tuple[Any, ...], tuple[tuple[int, Any], ...]] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=256)
@@ -87,13 +90,13 @@ def bind(f: Form, values: Mapping[str, Any]) -> Any:
     return dict(zip((name for name, _, _ in f.params), out, strict=True))
 
 
-def execute(conn: Connection, statement: Any, values: Mapping[str, Any]) -> int:
+def execute(conn: Conn, statement: Any, values: Mapping[str, Any]) -> int:
     """Run ``statement`` with ``values``; how many rows it changed."""
     f = form(statement, conn.dialect, tuple(values))
     return _run(conn, f.sql, bind(f, values), many=False, fetch=False)[0]
 
 
-def fetch(conn: Connection, statement: Any, values: Mapping[str, Any]) -> list[Any]:
+def fetch(conn: Conn, statement: Any, values: Mapping[str, Any]) -> list[Any]:
     """Run ``statement`` (a SELECT, or a write with RETURNING); its rows as named tuples,
     each value converted by its column's type."""
     f = form(statement, conn.dialect, tuple(values))
@@ -101,12 +104,12 @@ def fetch(conn: Connection, statement: Any, values: Mapping[str, Any]) -> list[A
     return rows(f, conn.dialect, description, raw)
 
 
-def _run(conn: Connection, sql: str, params: Any, *, many: bool, fetch: bool
+def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
          ) -> tuple[int, Any, list[Any]]:
     """The driver's row count, description and rows. When the engine's statements are
     watched (SQLAlchemy's cursor events, its echo or log at INFO: tests, tracing, debugging),
     through ``exec_driver_sql``: the watchers see every statement, at SQLAlchemy's cost."""
-    if _watched(conn):
+    if isinstance(conn, Connection) and _watched(conn):
         result = conn.exec_driver_sql(sql, params if many or isinstance(params, dict)
                                       else tuple(params))
         description = result.cursor.description if fetch else None
@@ -133,15 +136,21 @@ def rows(f: Form, dialect: sa.Dialect, description: Any, raw: list[Any]) -> list
     codes = tuple(d[1] for d in description or ())
     processors = f.results.get(codes)
     if processors is None:
-        processors = f.results[codes] = tuple(
-            t.result_processor(dialect, code) for t, code in zip(f.types, codes, strict=True))
-    if not any(processors):
+        made = [t.result_processor(dialect, code) for t, code in zip(f.types, codes, strict=True)]
+        processors = f.results[codes] = tuple((i, p) for i, p in enumerate(made) if p)
+    if not processors:
         return [f.row._make(r) for r in raw]
-    return [f.row._make([v if p is None or v is None else p(v)
-                         for p, v in zip(processors, r, strict=True)]) for r in raw]
+    out = []
+    for r in raw:
+        values = list(r)
+        for i, process in processors:
+            if values[i] is not None:
+                values[i] = process(values[i])
+        out.append(f.row._make(values))
+    return out
 
 
-def execute_many(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def execute_many(conn: Conn, statement: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     """``conn.execute(statement, rows)`` for a batch, without SQLAlchemy's per-row parameter
     handling (most of a batch's time): each distinct value converted by its column's type
     once per call (a batch's rows share their timestamps and states). Every row gives the

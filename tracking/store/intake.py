@@ -16,13 +16,14 @@ from typing import Any
 import sqlalchemy as sa
 import uuid_utils
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from tracking.catalog import Process
+from tracking.db import write_transaction
 from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
 from tracking.schedule import Item, Schedule
-from tracking.store.driver import execute_many, fetch
+from tracking.store.driver import Conn, execute_many, fetch
 from tracking.store.sql import INSERT_EVENTS, STAGE, TX, any_of, policy_columns
 
 _SELECT_FINGERPRINTS = sa.select(TX.c.fingerprint, TX.c.uuid).where(
@@ -116,7 +117,7 @@ def start_many(
                 "due_at": schedule.due_at(now, process.sla),
             }
             starts[new_rows[fp]["uuid"]] = schedule.start_at(now)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         rows = list(new_rows.values())
         if len(rows) == 1:
             insert = _INSERT_ONE_TRANSACTION[conn.dialect.name]
@@ -144,7 +145,7 @@ def start_many(
 
 
 def _uuids_by_fingerprint(
-    conn: Connection, process_code: str, fingerprints: list[str]
+    conn: Conn, process_code: str, fingerprints: list[str]
 ) -> dict[str, str]:
     if not fingerprints:
         return {}
@@ -153,7 +154,7 @@ def _uuids_by_fingerprint(
 
 
 def _insert_stages(
-    conn: Connection, process: Process, txs: list[dict[str, Any]], starts: dict[str, datetime],
+    conn: Conn, process: Process, txs: list[dict[str, Any]], starts: dict[str, datetime],
     now: datetime,
 ) -> None:
     plan = []

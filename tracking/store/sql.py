@@ -23,7 +23,7 @@ from tracking.errors import TransactionNotFound
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.policy import RetryPolicy
 from tracking.states import FINAL_TX_STATES
-from tracking.store.driver import execute, execute_many, fetch
+from tracking.store.driver import Conn, execute, execute_many, fetch
 
 
 class _Values(sa.types.TypeDecorator[list[Any]]):
@@ -135,7 +135,7 @@ def insert_for(dialect: sa.Dialect, table: sa.Table) -> Any:
     return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-def lock(conn: Connection, uuid: str) -> tuple[list[Any], Any]:
+def lock(conn: Conn, uuid: str) -> tuple[list[Any], Any]:
     """Lock the transaction's stages, then the transaction (the global lock order, so
     concurrent workers and operators cannot deadlock); their rows as named tuples."""
     check_uuid(uuid)
@@ -146,7 +146,7 @@ def lock(conn: Connection, uuid: str) -> tuple[list[Any], Any]:
     return stages, tx[0]
 
 
-def set_tx_state(conn: Connection, tx: Row[Any], state: TxState, now: datetime) -> None:
+def set_tx_state(conn: Conn, tx: Row[Any], state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
     execute(conn, UPDATE_TX, {"b_uuid": tx.uuid,
                               **tx_changes(tx.state, tx.finished_at, state, now)})

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from tracking.catalog import Platform, Process
+from tracking.db import write_transaction
 from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.memory import rarer_young_collections
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
@@ -350,7 +351,7 @@ class Tracker:
         """
         result = to_result(result)
         now = self.clock()
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             stages, tx = lock(conn, uuid)
             row = transitions.find_stage(stages, uuid, platform, stage)
             transitions.check_can_complete(row, owner, now)

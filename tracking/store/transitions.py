@@ -30,7 +30,7 @@ from tracking.states import (
     deferred_until,
 )
 from tracking.store.catalog import current_policies
-from tracking.store.driver import execute
+from tracking.store.driver import Conn, execute
 from tracking.store.sql import (
     INSERT_EVENT,
     INSERT_EVENTS,
@@ -49,7 +49,7 @@ _UPDATE_STAGE_FENCED = UPDATE_STAGE.where(STAGE.c.state == sa.bindparam("b_state
 _CANCEL_OTHER_STAGES = sa.update(STAGE).where(
     STAGE.c.uuid == sa.bindparam("b_uuid"),
     STAGE.c.id != sa.bindparam("b_id"),
-    STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)),
+    sa.or_(*(STAGE.c.state == s for s in sorted(RUNNABLE_STAGE_STATES))),  # no expanding IN
 )
 
 
@@ -103,7 +103,7 @@ def check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
 
 
 def apply(
-    conn: Connection,
+    conn: Conn,
     tx: Row[Any],
     stages: list[Row[Any]],
     row: Row[Any],
@@ -142,7 +142,8 @@ def apply(
         execute(conn, UPDATE_STAGE, {"b_id": later[0].id, "next_attempt_at": now,
                                      "updated_at": now})
     if t.cancel_rest:
-        conn.execute(
+        execute(
+            conn,
             _CANCEL_OTHER_STAGES,
             {
                 "b_uuid": row.uuid,
