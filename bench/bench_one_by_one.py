@@ -79,9 +79,9 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     engine = connect(f"sqlite:///{workdir}/floor.db", migrate=True)
     tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
     seen: list[tuple[str, Any, bool]] = []
+    # A watched engine runs even the driver's statements through SQLAlchemy: all are seen.
     event.listen(engine, "before_cursor_execute",
                  lambda _c, _cur, stmt, params, _ctx, many: seen.append((stmt, params, many)))
-    _record_driver_statements(seen)
     first = tracker.start_or_resume("ONE", _payloads(1)[0])[0]
     statements = [s for s in seen if not s[0].startswith("BEGIN")]
     # The driver's connection as the engine set it up (the project's pragmas: WAL,
@@ -110,39 +110,6 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     raw.close()
     engine.dispose()
     return {"intake_per_s": rate}
-
-
-def _record_driver_statements(seen: list[tuple[str, Any, bool]]) -> None:
-    """Record the statements this tree runs on the driver's cursor, past SQLAlchemy's
-    events (``tracking.store.driver``)."""
-    from contextlib import contextmanager
-
-    import tracking.store.driver as driver
-
-    real = driver.driver_cursor
-
-    class Recorder:
-        def __init__(self, cursor: Any) -> None:
-            self.cursor = cursor
-
-        def execute(self, sql: str, params: Any = ()) -> Any:
-            seen.append((sql, list(params), False))
-            return self.cursor.execute(sql, params)
-
-        def executemany(self, sql: str, params: Any) -> Any:
-            params = [list(p) for p in params]
-            seen.append((sql, params, True))
-            return self.cursor.executemany(sql, params)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.cursor, name)
-
-    @contextmanager
-    def recording(conn: Any, statement: str, params: Any = None) -> Any:
-        with real(conn, statement, params) as cursor:
-            yield Recorder(cursor)
-
-    driver.driver_cursor = recording
 
 
 def _import_tracking_of(tree: str) -> None:

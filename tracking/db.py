@@ -142,32 +142,39 @@ def _sqlite_engine(url: str) -> Engine:
 def driver_cursor(conn: Connection | DriverConnection, statement: str, params: Any = None
                   ) -> Iterator[Any]:
     """The driver's own cursor on ``conn``'s connection, for ``statement`` run without
-    SQLAlchemy's execution machinery (``tracking.store.driver``). The driver's errors leave
-    as SQLAlchemy's (``sqlalchemy.exc.DBAPIError`` and its kinds), as ``Connection.execute``
-    raises them, a lost connection invalidated: callers and outage handling see no
-    difference.
+    SQLAlchemy's execution machinery (``tracking.store.driver``); the driver's errors leave
+    as SQLAlchemy's (``driver_error``).
 
     Example:
         with driver_cursor(conn, sql, params) as cursor:
             cursor.execute(sql, params)
     """
-    dbapi_connection = conn.connection.dbapi_connection
-    cursor = dbapi_connection.cursor()
-    error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()
     try:
         yield cursor
-    except error as exc:
-        lost = conn.dialect.is_disconnect(exc, dbapi_connection, cursor)
-        if lost:
-            conn.invalidate(exc)
-        raise sa.exc.DBAPIError.instance(
-            statement, params, exc, error, connection_invalidated=lost, dialect=conn.dialect
-        ) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise driver_error(conn, exc, statement, params, cursor) from exc
     finally:
-        try:
-            cursor.close()
-        except error:
-            pass  # a lost connection's cursor: the error above says what happened
+        close_cursor(conn, cursor)
+
+
+def driver_error(conn: Connection | DriverConnection, exc: Exception, statement: str,
+                 params: Any, cursor: Any) -> sa.exc.DBAPIError:
+    """The driver's error ``exc`` as SQLAlchemy's (``sqlalchemy.exc.DBAPIError`` and its
+    kinds), as ``Connection.execute`` raises it, the connection invalidated if it was lost:
+    callers and outage handling see no difference."""
+    lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+    if lost:
+        conn.invalidate(exc)
+    return sa.exc.DBAPIError.instance(statement, params, exc, conn.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost, dialect=conn.dialect)
+
+
+def close_cursor(conn: Connection | DriverConnection, cursor: Any) -> None:
+    try:
+        cursor.close()
+    except conn.dialect.loaded_dbapi.Error:
+        pass  # a lost connection's cursor: the error being raised says what happened
 
 
 class DriverConnection:

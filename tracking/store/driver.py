@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tracking.db import DriverConnection, driver_cursor
+from tracking.db import DriverConnection, close_cursor, driver_error
 
 Processor = Callable[[Any], Any] | None
 # A Connection, or a write_transaction's connection (only used when nobody watches).
@@ -52,6 +52,11 @@ class Form:
     types: tuple[sa.types.TypeEngine[Any], ...] = ()
     # By the driver's column types: (column index, result processor) of each converted.
     results: dict[tuple[Any, ...], tuple[tuple[int, Any], ...]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def processed(self) -> tuple[tuple[int, Any], ...]:
+        """(index, bind processor) of each parameter that has one."""
+        return tuple((i, p) for i, (_, _, p) in enumerate(self.params) if p is not None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,8 +87,8 @@ def form(statement: Any, dialect: sa.Dialect, keys: tuple[str, ...], many: bool 
 def bind(f: Form, values: Mapping[str, Any]) -> Any:
     """The driver's parameters of one call."""
     out = [values[name] if given is _FROM_ROW else given for name, given, _ in f.params]
-    for i, (_, _, process) in enumerate(f.params):
-        if process is not None and out[i] is not None:
+    for i, process in f.processed:
+        if out[i] is not None:
             out[i] = process(out[i])
     if f.positional:
         return out
@@ -114,7 +119,8 @@ def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
                                       else tuple(params))
         description = result.cursor.description if fetch else None
         return result.rowcount, description, list(result.fetchall()) if fetch else []
-    with driver_cursor(conn, sql, params) as cursor:
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
         if many:
             cursor.executemany(sql, params)
             return cursor.rowcount, None, []
@@ -122,6 +128,10 @@ def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
         if fetch:
             return cursor.rowcount, cursor.description, cursor.fetchall()
         return cursor.rowcount, None, []
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise driver_error(conn, exc, sql, params, cursor) from exc
+    finally:
+        close_cursor(conn, cursor)
 
 
 def _watched(conn: Connection) -> bool:
