@@ -1,7 +1,7 @@
-"""``store.sql.execute_many`` and ``execute_grouped``: a batch written without SQLAlchemy's
-per-row parameter handling stores exactly what ``conn.execute(statement, rows)`` stores
-(timestamps in the dialect's own format, which SQLite compares as text; states by name;
-NULLs)."""
+"""``store.driver.execute_many`` and ``store.sql.execute_grouped``: a batch written without
+SQLAlchemy's per-row parameter handling stores exactly what ``conn.execute(statement, rows)``
+stores (timestamps in the dialect's own format, which SQLite compares as text; states by
+name; NULLs)."""
 
 from __future__ import annotations
 
