@@ -4,9 +4,11 @@ in the same run: ``start_or_resume`` per item, then ``claim`` + ``start_attempt`
 
 A machine that is twice as slow today halves every absolute figure; the ratios to the
 earlier revision (same machine, same minute, alternated) and to the floor do not move. The
-floor replays the very statements one ``start_or_resume`` of this tree executes (schema,
+floor replays the very statements one ``start_or_resume`` of a tree executes (on its schema,
 indexes and triggers included) through the bare ``sqlite3`` driver, one committed
 transaction per item: what a durable item-at-a-time intake costs before any Python of ours.
+With ``--against``, each tree has its own floor: the earlier revision's schema did less per
+item (fewer indexes, no counts kept by triggers).
 
 Usage:
     .venv/bin/python bench/bench_one_by_one.py                      # this tree and the floor
@@ -180,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
                             str(old), commit], check=True)
             trees[args.against] = str(old)
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*trees, "sqlite3 floor"]}
+        # Each tree's floor: its own statements on its own schema (indexes, triggers).
+        floors = {f"sqlite3 floor{'' if name == 'this tree' else f' ({name})'}": tree
+                  for name, tree in trees.items()}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*trees, *floors]}
         try:
             for _ in range(args.repeats):  # alternated: a busy minute hurts every side alike
                 for name, tree in trees.items():
                     runs[name].append(_child("measure", tree, args.n))
-                runs["sqlite3 floor"].append(_child("floor", str(ROOT), args.n))
+                for name, tree in floors.items():
+                    runs[name].append(_child("floor", tree, args.n))
         finally:
             if commit:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
@@ -194,15 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"One by one, SQLite, N = {args.n:,}, best of {args.repeats} (alternated):")
     columns = {"intake_per_s": "start_or_resume/s", "complete_stage_per_s": "complete_stage/s",
                "run_per_s": "claim+start+complete/s"}
-    print(f"  {'':<16}" + "".join(f"{title:>24}" for title in columns.values()))
+    print(f"  {'':<24}" + "".join(f"{title:>24}" for title in columns.values()))
     for name, b in best.items():
-        print(f"  {name:<16}" + "".join(
+        print(f"  {name:<24}" + "".join(
             f"{b[k]:>24,.0f}" if k in b else f"{'-':>24}" for k in columns))
     mine = best["this tree"]
     for name, b in best.items():
         if name != "this tree":
             print(f"  this tree / {name}: " + ", ".join(
                 f"{columns[k]} {mine[k] / b[k]:.2f}x" for k in columns if k in b))
+    for name in trees:
+        own = best[f"sqlite3 floor{'' if name == 'this tree' else f' ({name})'}"]
+        print(f"  {name}: start_or_resume at {best[name]['intake_per_s'] / own['intake_per_s']:.2f}"
+              " of its own floor (its statements, bare)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"n": args.n, "repeats": args.repeats,
                                        "against": args.against, "runs": runs, "best": best},

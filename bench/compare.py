@@ -716,7 +716,12 @@ def one_by_one_targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
         figure = f"{mine[key]:,.0f} / {then[key]:,.0f}/s = {ratio:.2f}x"
         if key == "intake_per_s":
             figure += (f" (the bare driver, same statements, a commit per item: {floor:,.0f}/s "
-                       f"= {floor / then[key]:.2f}x)")
+                       f"= {floor / then[key]:.2f}x")
+            old_floor = result["best"].get(f"sqlite3 floor ({result['against']})")
+            if old_floor:
+                figure += (f"; {result['against']}'s own statements and schema, bare: "
+                           f"{old_floor['intake_per_s']:,.0f}/s")
+            figure += ")"
         out.append((f"one by one, {name} >= 3x {result['against']} (N = {result['n']:,})",
                     figure, ratio >= 3))
     return out
