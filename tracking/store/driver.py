@@ -6,8 +6,10 @@ it (an execution context, its events, a result object): more than SQLite takes t
 row, and most of a one-item write. Here a statement is compiled once per dialect and set of
 parameter names; a call converts the values with the columns' own types, as SQLAlchemy
 would, and hands them to the cursor. The driver's errors leave as SQLAlchemy's
-(``tracking.db.driver_cursor``), so callers and outage handling see no difference; an engine
+(``tracking.db.driver_error``), so callers and outage handling see no difference; an engine
 whose statements are watched (cursor events, echo) gets them through SQLAlchemy as before.
+``conn`` is a ``Connection`` or, for a path that runs nothing else, the connection of
+``tracking.db.write_transaction`` (no ``Connection`` at all).
 
 A statement given here binds every value as one parameter: no expanding ``IN`` (use
 ``sql.any_of``), and an INSERT names every column that has a Python-side default.
@@ -43,7 +45,7 @@ class Form:
     """A statement compiled for the driver: its SQL and, for each parameter in order, its
     name, the statement's own value for it (a constant) or ``_FROM_ROW``, and its type's bind
     processor; for a statement that returns rows, their named-tuple class and the types of
-    its columns (their result processors depend on what the driver reports: see ``rows``)."""
+    its columns (their result processors depend on what the driver reports: see ``typed_rows``)."""
 
     sql: str
     positional: bool
@@ -106,7 +108,7 @@ def fetch(conn: Conn, statement: Any, values: Mapping[str, Any]) -> list[Any]:
     each value converted by its column's type."""
     f = form(statement, conn.dialect, tuple(values))
     _, description, raw = _run(conn, f.sql, bind(f, values), many=False, fetch=True)
-    return rows(f, conn.dialect, description, raw)
+    return typed_rows(f, conn.dialect, description, raw)
 
 
 def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
@@ -140,7 +142,7 @@ def _watched(conn: Connection) -> bool:
                 or conn.engine.logger.isEnabledFor(logging.INFO))
 
 
-def rows(f: Form, dialect: sa.Dialect, description: Any, raw: list[Any]) -> list[Any]:
+def typed_rows(f: Form, dialect: sa.Dialect, description: Any, raw: list[Any]) -> list[Any]:
     """Driver rows as ``f``'s named tuples, converted (the processors are made once for each
     set of column types the driver reports: PostgreSQL's numeric ones depend on them)."""
     codes = tuple(d[1] for d in description or ())
