@@ -115,16 +115,14 @@ def _sqlite_engine(url: str) -> Engine:
         # A write transaction takes the write lock up front, so two writers never deadlock
         # upgrading a read lock; read-only work keeps WAL's concurrent readers.
         if conn.get_execution_options().get(_READ_ONLY, False):
-            with driver_cursor(conn, "BEGIN") as cursor:
-                cursor.execute("BEGIN")
+            _driver_sql(conn, "BEGIN")
             return
         writer.acquire()
         conn.info[_HOLDS_WRITER] = True
         try:
             # On the driver's cursor: exec_driver_sql costs ~3x the BEGIN itself, on every
             # write transaction.
-            with driver_cursor(conn, "BEGIN IMMEDIATE") as cursor:
-                cursor.execute("BEGIN IMMEDIATE")
+            _driver_sql(conn, "BEGIN IMMEDIATE")
         except BaseException:
             _release_writer(conn)
             raise
@@ -156,6 +154,11 @@ def driver_cursor(conn: Connection | DriverConnection, statement: str, params: A
         raise driver_error(conn, exc, statement, params, cursor) from exc
     finally:
         close_cursor(conn, cursor)
+
+
+def _driver_sql(conn: Connection | DriverConnection, statement: str) -> None:
+    with driver_cursor(conn, statement) as cursor:
+        cursor.execute(statement)
 
 
 def driver_error(conn: Connection | DriverConnection, exc: Exception, statement: str,
@@ -221,8 +224,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection | DriverConnection]
         writer.acquire()
     try:
         if writer is not None:
-            with driver_cursor(conn, "BEGIN IMMEDIATE") as cursor:
-                cursor.execute("BEGIN IMMEDIATE")
+            _driver_sql(conn, "BEGIN IMMEDIATE")  # as _on_begin, without a Connection
         yield conn
         with driver_cursor(conn, "COMMIT"):
             conn.connection.dbapi_connection.commit()
