@@ -27,7 +27,7 @@ import logging
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -38,6 +38,14 @@ Processor = Callable[[Any], Any] | None
 # A Connection, or a write_transaction's connection (only used when nobody watches).
 Conn = Connection | DriverConnection
 _FROM_ROW = object()  # a parameter each call gives (not a constant of the statement)
+
+
+class Record(Protocol):
+    """A row read by column name: ``fetch``'s named tuples and SQLAlchemy's ``Row`` alike."""
+
+    def __getattr__(self, name: str) -> Any: ...
+
+    def _asdict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tracking.errors import TransactionNotFound
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.policy import RetryPolicy
 from tracking.states import FINAL_TX_STATES
-from tracking.store.driver import Conn, execute, execute_many, fetch
+from tracking.store.driver import Conn, Record, execute, execute_many, fetch
 
 
 class _Values(sa.types.TypeDecorator[list[Any]]):
@@ -146,7 +146,7 @@ def lock(conn: Conn, uuid: str) -> tuple[list[Any], Any]:
     return stages, tx[0]
 
 
-def set_tx_state(conn: Conn, tx: Row[Any], state: TxState, now: datetime) -> None:
+def set_tx_state(conn: Conn, tx: Record, state: TxState, now: datetime) -> None:
     """Move a locked transaction to ``state`` (its ``finished_at`` follows)."""
     execute(conn, UPDATE_TX, {"b_uuid": tx.uuid,
                               **tx_changes(tx.state, tx.finished_at, state, now)})
@@ -169,7 +169,7 @@ def tx_changes(state: TxState, finished_at: datetime | None, to: TxState, now: d
 
 def operator_event(
     conn: Connection,
-    tx: Row[Any],
+    tx: Record,
     kind: EventKind,
     description: str,
     actor: str | None,

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 
 from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import EventKind, StageState, TxStage, TxState, from_row
@@ -30,7 +30,7 @@ from tracking.states import (
     deferred_until,
 )
 from tracking.store.catalog import current_policies
-from tracking.store.driver import Conn, execute
+from tracking.store.driver import Conn, Record, execute
 from tracking.store.sql import (
     INSERT_EVENT,
     INSERT_EVENTS,
@@ -53,7 +53,7 @@ _CANCEL_OTHER_STAGES = sa.update(STAGE).where(
 )
 
 
-def find_stage(stages: list[Row[Any]], uuid: str, platform: str, stage: str | None) -> Row[Any]:
+def find_stage(stages: list[Record], uuid: str, platform: str, stage: str | None) -> Record:
     """The locked row of ``platform``/``stage`` among a transaction's stages (``stage`` may
     be None for a one-stage platform)."""
     rows = [s for s in stages if s.platform == platform]
@@ -82,7 +82,7 @@ def lease_lost(row: Any, owner: str) -> LeaseLost:
                      f"(state {StageState(row.state).value}, owner {row.lease_owner!r})")
 
 
-def check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
+def check_can_complete(row: Record, owner: str | None, now: datetime) -> None:
     """Refuse to record an attempt on a stage that is not this caller's to record."""
     state = StageState(row.state)
     if owner is not None:
@@ -104,9 +104,9 @@ def check_can_complete(row: Row[Any], owner: str | None, now: datetime) -> None:
 
 def apply(
     conn: Conn,
-    tx: Row[Any],
-    stages: list[Row[Any]],
-    row: Row[Any],
+    tx: Record,
+    stages: list[Record],
+    row: Record,
     result: ExecutionResult,
     now: datetime,
     rng: random.Random,
@@ -188,7 +188,7 @@ def apply(
 
 
 def record_lost_attempt(
-    conn: Connection, tx: Row[Any], stages: list[Row[Any]], now: datetime, rng: random.Random
+    conn: Connection, tx: Record, stages: list[Record], now: datetime, rng: random.Random
 ) -> int:
     """The started attempt of this locked transaction whose lease expired counts as lost:
     a LEASE_EXPIRED event (a system error, code -1). Returns 1 if there was one."""
@@ -208,7 +208,7 @@ def record_lost_attempt(
 
 
 def cancel(
-    conn: Connection, tx: Row[Any], reason: str, actor: str | None, now: datetime
+    conn: Connection, tx: Record, reason: str, actor: str | None, now: datetime
 ) -> None:
     """Cancel a locked transaction: its open and reserved stages become CANCELLED."""
     to_state = check_cancel(tx.uuid, TxState(tx.state))
@@ -233,8 +233,8 @@ def cancel(
 
 def requeue(
     conn: Connection,
-    tx: Row[Any],
-    stages: list[Row[Any]],
+    tx: Record,
+    stages: list[Record],
     reason: str,
     actor: str | None,
     now: datetime,
@@ -277,7 +277,7 @@ def requeue(
     operator_event(conn, tx, EventKind.REQUEUED, reason, actor, now, to_state)
 
 
-def defer(conn: Connection, tx: Row[Any], stages: list[Row[Any]], until: datetime,
+def defer(conn: Connection, tx: Record, stages: list[Record], until: datetime,
           reason: str, actor: str | None, now: datetime) -> None:
     """Postpone a locked, waiting transaction: the stage that runs next is not due before
     ``until`` (``states.deferred_until``); ``not_before`` records it, a DEFERRED event too."""
