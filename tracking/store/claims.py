@@ -22,19 +22,20 @@ normal order on ``ix_tx_stage_runnable``: higher priority first, then oldest due
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 
 from tracking.db import read_only, write_transaction
 from tracking.errors import LeaseLost
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 from tracking.states import RUNNABLE_STAGE_STATES
 from tracking.store.driver import Conn, execute, fetch
-from tracking.store.leases import EXPIRED_RESERVATION, release_in
+from tracking.store.leases import NOW, OWNER, PLATFORM, PROCESS, release_expired_in
 from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, any_of, as_dicts
 
 # Starts the attempts of reserved stages of one platform stage (one or many).
@@ -56,6 +57,9 @@ _START_ATTEMPTS = (
     .returning(STAGE.c.uuid, STAGE.c.attempt)
 )
 
+
+#: A stage that may be claimed (PENDING or TERMINATED; no expanding IN: see driver).
+RUNNABLE = sa.or_(*(STAGE.c.state == state for state in sorted(RUNNABLE_STAGE_STATES)))
 
 #: The claim order of due stages (``ix_tx_stage_runnable``'s order).
 CLAIM_ORDER = (STAGE.c.priority.desc(), STAGE.c.next_attempt_at, STAGE.c.id)
@@ -92,11 +96,11 @@ def _due(process_code: str, platform: str, stage: str, now: datetime) -> list[An
     ]
 
 
-def claimable(process_code: str, platform: str, stage: str, owner: str, now: datetime,
-              uuid: str | None, limit: int, *, overdue_only: bool = False) -> sa.Select[Any]:
+def claimable(process_code: Any, platform: Any, stage: Any, owner: Any, now: Any,
+              uuid: Any | None, limit: Any, *, overdue_only: bool = False) -> sa.Select[Any]:
     """What ``claim`` may take (only the overdue, with ``overdue_only``): due, and not last
     tried by ``owner`` (an owner stands for one run, so a failing stage is retried by a
-    later run, never in a tight loop)."""
+    later run, never in a tight loop). Each argument is a value or a bound parameter."""
     query = (overdue if overdue_only else runnable)(process_code, platform, stage, now).where(
         sa.or_(STAGE.c.lease_owner.is_(None), STAGE.c.lease_owner != owner)
     )
@@ -111,7 +115,7 @@ def one_open_stage(uuid: str, platform: str, stage: str) -> sa.Select[Any]:
         STAGE.c.uuid == uuid,
         STAGE.c.platform == platform,
         STAGE.c.stage == stage,
-        STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)),
+        RUNNABLE,
         STAGE.c.next_attempt_at.is_not(None),
     )
 
@@ -136,7 +140,7 @@ class Reservation(NamedTuple):
     started_at: datetime | None = None
 
 
-# reserve_where unpacks these by position: change the order in both places.
+# reserve unpacks these by position: change the order in both places.
 _RESERVED_COLUMNS = (STAGE.c.id, STAGE.c.uuid, STAGE.c.process_code, STAGE.c.platform,
                      STAGE.c.stage, STAGE.c.attempt, STAGE.c.priority)
 _TX_OF_RESERVED = sa.select(TX.c.uuid, TX.c.business_key, TX.c.state, TX.c.payload).where(
@@ -148,79 +152,114 @@ _TXS_STARTED = sa.update(TX).where(
 ).values(state=TxState.IN_PROGRESS, updated_at=sa.bindparam("b_now"))
 
 
-def _reserve(
-    conn: Connection,
-    queries: list[sa.Select[Any]],
-    owner: str,
-    lease_seconds: float,
-    now: datetime,
-    release_first: list[Any] | None,
-    limit: int | None,
-    columns: Sequence[Any],
-    start: bool = False,
-) -> list[Row[Any]]:
-    """The reserving statements of a claim: ``columns`` of the stages reserved, by priority
-    within each query; with ``start``, their attempts start too (counted, ``started_at``
-    now)."""
-    rows: list[Row[Any]] = []
-    if release_first is not None:
-        release_in(conn, release_first, EXPIRED_RESERVATION, now, skip_locked=True)
+# The other parameters of the claiming statements (built once, run on the driver).
+_UUID, _EXPIRES = sa.bindparam("b_uuid"), sa.bindparam("b_expires", type_=NOW.type)
+_LIMIT = sa.bindparam("b_limit", type_=sa.Integer)
+
+
+@functools.cache
+def _claiming(overdue_only: bool, by_uuid: bool, narrow: bool, start: bool,
+              postgresql: bool) -> sa.Update:
+    """The statement that reserves a claim's candidates (``claimable``) of one platform
+    stage, returning ``_RESERVED_COLUMNS`` (``narrow``) or the whole stages."""
+    candidates = claimable(PROCESS, PLATFORM, sa.bindparam("b_stage"), OWNER, NOW,
+                           _UUID if by_uuid else None, _LIMIT, overdue_only=overdue_only)
+    return _reserving(candidates, _RESERVED_COLUMNS if narrow else tuple(STAGE.c), start,
+                      postgresql)
+
+
+@functools.cache
+def _claiming_one(postgresql: bool) -> sa.Update:
+    """The statement of ``claim_one``."""
+    return _reserving(one_open_stage(_UUID, PLATFORM, sa.bindparam("b_stage")),
+                      tuple(STAGE.c), False, postgresql)
+
+
+def _reserving(candidates: sa.Select[Any], columns: Sequence[Any], start: bool,
+               postgresql: bool) -> sa.Update:
+    """Reserve the stages ``candidates`` selects for ``b_owner`` until ``b_expires``; with
+    ``start``, their attempts start too (counted, ``started_at`` now)."""
+    if postgresql:
+        candidates = candidates.with_for_update(skip_locked=True)
     values: dict[str, Any] = {
-        "state": StageState.IN_PROGRESS, "next_attempt_at": None, "lease_owner": owner,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds), "started_at": None,
-        "updated_at": now,
+        "state": StageState.IN_PROGRESS, "next_attempt_at": None, "lease_owner": OWNER,
+        "lease_expires_at": _EXPIRES, "started_at": None, "updated_at": NOW,
     }
     if start:
-        values.update(started_at=now, attempt=STAGE.c.attempt + 1)
-    # By priority, then id (read by position: a Row's attributes cost more).
-    names = [c.name for c in columns]
-    priority, id_ = names.index("priority"), names.index("id")
+        values.update(started_at=NOW, attempt=STAGE.c.attempt + 1)
+    return (
+        sa.update(STAGE)
+        .where(STAGE.c.id.in_(candidates.scalar_subquery()), RUNNABLE)
+        .values(values)
+        .returning(*columns)
+    )
 
-    def order(row: Row[Any]) -> tuple[int, int]:
-        return -row[priority], row[id_]
 
-    for query in queries:
-        if limit is not None and len(rows) >= limit:
+class Claim(NamedTuple):
+    """What one claim reserves: up to ``limit`` due stages of one platform stage (of one
+    transaction, with ``uuid``) for ``owner``, leased for ``lease_seconds`` from ``now``."""
+
+    process_code: str
+    platform: str
+    stage: str
+    owner: str
+    lease_seconds: float
+    now: datetime
+    limit: int
+    uuid: str | None = None
+
+
+def _reserve(conn: Connection, request: Claim, narrow: bool, start: bool = False) -> list[Any]:
+    """Give back the platform's expired reservations, then reserve the overdue candidates and,
+    if the limit is not reached, the others; the rows by priority within each, then id."""
+    release_expired_in(conn, request.process_code, request.platform, request.now)
+    params: dict[str, Any] = {
+        "b_process": request.process_code, "b_platform": request.platform,
+        "b_stage": request.stage, "b_owner": request.owner, "b_now": request.now,
+        "b_expires": request.now + timedelta(seconds=request.lease_seconds),
+    }
+    if request.uuid is not None:
+        params["b_uuid"] = request.uuid
+    postgresql = conn.dialect.name == "postgresql"
+    rows: list[Any] = []
+    for overdue_only in (True, False):
+        if len(rows) >= request.limit:
             break
-        if limit is not None:
-            query = query.limit(limit - len(rows))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        claim = (
-            sa.update(STAGE)
-            .where(STAGE.c.id.in_(query.scalar_subquery()))
-            .where(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)))
-            .values(values)
-            .returning(*columns)
-        )
-        rows += sorted(conn.execute(claim).all(), key=order)
+        params["b_limit"] = request.limit - len(rows)
+        statement = _claiming(overdue_only, request.uuid is not None, narrow, start, postgresql)
+        rows += sorted(fetch(conn, statement, params), key=_claim_order)
     return rows
 
 
-def _queries(candidates: sa.Select[Any] | Sequence[sa.Select[Any]]) -> list[sa.Select[Any]]:
-    return [candidates] if isinstance(candidates, sa.Select) else list(candidates)
+def _claim_order(row: Any) -> tuple[int, int]:
+    return -row.priority, row.id
 
 
-def claim_where(
-    engine: Engine,
-    candidates: sa.Select[Any] | Sequence[sa.Select[Any]],
-    owner: str,
-    lease_seconds: float,
-    now: datetime,
-    release_first: list[Any] | None = None,
-    limit: int | None = None,
-) -> list[TxStage]:
-    """Reserve the ``candidates`` for ``owner``, with their transactions loaded; expired
-    reservations matching ``release_first`` are given back first, in the same transaction.
-    A list of candidate queries (the overdue, then the rest) is claimed in turn until
-    ``limit`` stages are reserved, and comes back in that order (by priority within each)."""
+def claim(engine: Engine, request: Claim) -> list[TxStage]:
+    """Reserve what ``request`` says, with the stages' transactions loaded (``Tracker.claim``)."""
     with engine.begin() as conn:
-        rows = _reserve(conn, _queries(candidates), owner, lease_seconds, now, release_first,
-                        limit, list(STAGE.c))
-        if not rows:
-            return []
-        uuids = [r.uuid for r in rows]
-        found = conn.execute(sa.select(TX).where(TX.c.uuid.in_(uuids))).all()
+        return _with_transactions(conn, _reserve(conn, request, narrow=False))
+
+
+def claim_one(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
+              lease_seconds: float, now: datetime) -> TxStage | None:
+    """Reserve this one stage if it can run now, even if not due (``Tracker.claim_stage``)."""
+    params = {"b_uuid": uuid, "b_platform": platform, "b_stage": stage, "b_owner": owner,
+              "b_now": now, "b_expires": now + timedelta(seconds=lease_seconds)}
+    with engine.begin() as conn:
+        rows = fetch(conn, _claiming_one(conn.dialect.name == "postgresql"), params)
+        claimed = _with_transactions(conn, rows)
+    return claimed[0] if claimed else None
+
+
+_TXS_OF_CLAIMED = sa.select(TX).where(any_of(TX.c.uuid, "b_uuids"))
+
+
+def _with_transactions(conn: Connection, rows: list[Any]) -> list[TxStage]:
+    """The claimed stages, each with its transaction set on it."""
+    if not rows:
+        return []
+    found = fetch(conn, _TXS_OF_CLAIMED, {"b_uuids": [r.uuid for r in rows]})
     txs = {t["uuid"]: t for t in as_dicts(found)}
     stages = []
     for values in as_dicts(rows):
@@ -232,28 +271,18 @@ def claim_where(
     return stages
 
 
-def reserve_where(
-    engine: Engine,
-    candidates: Sequence[sa.Select[Any]],
-    owner: str,
-    lease_seconds: float,
-    now: datetime,
-    release_first: list[Any],
-    limit: int,
-    start: bool = False,
-) -> list[Reservation]:
-    """``claim_where`` for a run: the same reservation, read narrow; with ``start``, the
+def reserve(engine: Engine, request: Claim, start: bool = False) -> list[Reservation]:
+    """``claim`` for a run: the same reservation, read narrow; with ``start``, the
     attempts start in the same database transaction (and their transactions are
     IN_PROGRESS), as ``start_attempts`` would start them right after."""
     with engine.begin() as conn:
-        rows = _reserve(conn, list(candidates), owner, lease_seconds, now, release_first,
-                        limit, _RESERVED_COLUMNS, start)
+        rows = _reserve(conn, request, narrow=True, start=start)
         uuids = [r[1] for r in rows]
-        found = conn.execute(_TX_OF_RESERVED, {"b_uuids": uuids}).all() if rows else []
+        found = fetch(conn, _TX_OF_RESERVED, {"b_uuids": uuids}) if rows else []
         txs = {uuid: (key, state, payload) for uuid, key, state, payload in found}
         if start and rows:  # after reading the states they had: unstart puts them back
-            conn.execute(_TXS_STARTED, {"b_uuids": uuids, "b_now": now})
-    started_at = now if start else None
+            execute(conn, _TXS_STARTED, {"b_uuids": uuids, "b_now": request.now})
+    started_at = request.now if start else None
     # Unpacked as tuples: by far the cheapest way to read a row's values.
     return [Reservation(id_, uuid, process_code, platform, stage, attempt, *txs[uuid],
                         started_at)

@@ -4,11 +4,12 @@
     recover     an expired reservation is released; an expired started attempt is lost
                 (a LEASE_EXPIRED system error, see ``transitions.record_lost_attempt``)
 
-Both find their stages on ``ix_tx_stage_lease`` (``expired_leases``, ``held_by``).
+Both find their stages on ``ix_tx_stage_lease`` (``_expired``, ``_held``).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -20,62 +21,59 @@ from sqlalchemy.engine import Connection, Engine
 from tracking.db import read_only
 from tracking.models import EventKind, StageState
 from tracking.states import released_state
-from tracking.store.sql import CHUNK, EVENT, RESERVED, STAGE, TX, check_limit, lock
+from tracking.store.driver import execute, fetch
+from tracking.store.sql import CHUNK, EVENT, RESERVED, STAGE, TX, any_of, check_limit, lock
 from tracking.store.transitions import record_lost_attempt
 
 EXPIRED_RESERVATION = "reservation expired before the attempt started (its run stopped)"
 
 
-def held_by(process_code: str, owner: str) -> list[Any]:
-    """Conditions of the stages of a process that ``owner`` holds."""
+# The parameters of the statements below, which are built once (by ``functools.cache``) and
+# run on the driver (``tracking.store.driver``): a claim gives back expired reservations
+# first, every time, and building and hashing its statements cost more than running them.
+PROCESS, PLATFORM, OWNER = (sa.bindparam(n) for n in ("b_process", "b_platform", "b_owner"))
+NOW = sa.bindparam("b_now", type_=STAGE.c.updated_at.type)
+
+
+def _held() -> list[Any]:
+    """Conditions of the stages of a process that an owner holds."""
     return [
-        STAGE.c.process_code == process_code,
+        STAGE.c.process_code == PROCESS,
         STAGE.c.lease_expires_at.is_not(None),
-        STAGE.c.lease_owner == owner,
+        STAGE.c.lease_owner == OWNER,
     ]
 
 
-def expired_leases(process_code: str, platforms: list[str] | None, now: datetime) -> list[Any]:
-    """Conditions of the stages of ``process_code`` whose lease expired (ix_tx_stage_lease)."""
+def _expired(by_platform: bool) -> list[Any]:
+    """Conditions of the stages of a process (of one platform) whose lease expired
+    (ix_tx_stage_lease)."""
     where = [
-        STAGE.c.process_code == process_code,
+        STAGE.c.process_code == PROCESS,
         STAGE.c.lease_expires_at.is_not(None),
-        STAGE.c.lease_expires_at <= now,
+        STAGE.c.lease_expires_at <= NOW,
         STAGE.c.state == StageState.IN_PROGRESS,
     ]
-    if platforms:
-        where.append(STAGE.c.platform.in_(platforms))
-    return where
+    return [*where, STAGE.c.platform == PLATFORM] if by_platform else where
 
 
-def release(engine: Engine, where: list[Any], description: str, now: datetime, *,
-            uuids: Sequence[str] | None = None, skip_locked: bool = False) -> int:
-    """Give back the reserved stages matching ``where`` (of these transactions only, when
-    ``uuids`` is given), each in a transaction of at most 500 uuids."""
-    if uuids is None:
-        with engine.begin() as conn:
-            return release_in(conn, where, description, now, skip_locked=skip_locked)
-    released = 0
-    for i in range(0, len(uuids), CHUNK):
-        chunk = [*where, STAGE.c.uuid.in_(list(uuids[i : i + CHUNK]))]
-        with engine.begin() as conn:
-            released += release_in(conn, chunk, description, now, skip_locked=skip_locked)
-    return released
+@functools.cache
+def _releasing(expired: bool, by_platform: bool, by_uuids: bool, postgresql: bool
+               ) -> sa.Update:
+    """Reserved stages back to runnable: the expired reservations of a process (of one
+    platform), or those an owner holds (of some transactions); their ids.
 
-
-def release_in(
-    conn: Connection, where: list[Any], description: str, now: datetime, *, skip_locked: bool
-) -> int:
-    """Reserved stages matching ``where`` back to runnable, with their RELEASED events.
-
-    ``skip_locked`` leaves rows another transaction holds (PostgreSQL) for a later call: a
-    claim that gives back expired reservations of other runs must not wait or deadlock.
+    Expired ones are given back by whoever comes along (a claim, a recovery): on PostgreSQL
+    it leaves rows another transaction holds for a later call (``SKIP LOCKED``) instead of
+    waiting or deadlocking.
     """
+    where = _expired(by_platform) if expired else _held()
+    if by_uuids:
+        where.append(any_of(STAGE.c.uuid, "b_uuids"))
     matching: Any = sa.and_(*where, RESERVED)
-    if skip_locked and conn.dialect.name == "postgresql":
+    if expired and postgresql:
         locked = sa.select(STAGE.c.id).where(matching).with_for_update(skip_locked=True)
         matching = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), RESERVED)
-    released = (
+    return (
         sa.update(STAGE)
         .where(matching)
         .values(
@@ -83,45 +81,101 @@ def release_in(
                 (STAGE.c.error_code.is_(None), released_state(had_error=False).value),
                 else_=released_state(had_error=True).value,
             ),
-            next_attempt_at=now,
+            next_attempt_at=NOW,
             # lease_owner stays: the releasing run is not handed the stage again.
             lease_expires_at=None,
-            updated_at=now,
+            updated_at=NOW,
         )
         .returning(STAGE.c.id)
     )
-    ids = conn.execute(released).scalars().all()
+
+
+# The RELEASED events of just-released stages (one INSERT ... SELECT).
+_RELEASED_EVENTS = sa.insert(EVENT).from_select(
+    ["uuid", "process_code", "kind", "platform", "stage", "attempt", "description",
+     "from_state", "to_state", "tx_state", "actor", "created_at"],
+    sa.select(
+        STAGE.c.uuid, STAGE.c.process_code, sa.literal(EventKind.RELEASED.value),
+        STAGE.c.platform, STAGE.c.stage, STAGE.c.attempt,
+        sa.bindparam("b_description", type_=EVENT.c.description.type),
+        sa.literal(StageState.IN_PROGRESS.value), STAGE.c.state, TX.c.state,
+        STAGE.c.lease_owner, sa.bindparam("b_now", type_=EVENT.c.created_at.type),
+    )
+    .join(TX, TX.c.uuid == STAGE.c.uuid)
+    .where(any_of(STAGE.c.id, "b_ids")),
+)
+
+
+def release_held(engine: Engine, process_code: str, owner: str, description: str,
+                 now: datetime, uuids: Sequence[str] | None = None) -> int:
+    """Give back the stages of ``process_code`` that ``owner`` reserved and has not started
+    (of these transactions only, when ``uuids`` is given, each chunk of 500 in a
+    transaction of its own)."""
+    params = {"b_process": process_code, "b_owner": owner, "b_now": now}
+    if uuids is None:
+        with engine.begin() as conn:
+            return release_in(conn, _releasing(False, False, False, _pg(conn)), params,
+                              description, now)
+    released = 0
+    for i in range(0, len(uuids), CHUNK):
+        with engine.begin() as conn:
+            released += release_in(conn, _releasing(False, False, True, _pg(conn)),
+                                   {**params, "b_uuids": list(uuids[i : i + CHUNK])},
+                                   description, now)
+    return released
+
+
+def release_expired(engine: Engine, process_code: str, platform: str | None,
+                    now: datetime) -> int:
+    """Give back the expired reservations of ``process_code`` (of one platform)."""
+    with engine.begin() as conn:
+        return release_expired_in(conn, process_code, platform, now)
+
+
+def release_expired_in(conn: Connection, process_code: str, platform: str | None,
+                       now: datetime) -> int:
+    """``release_expired`` in the caller's database transaction (a claim's)."""
+    statement = _releasing(True, platform is not None, False, _pg(conn))
+    params = {"b_process": process_code, "b_now": now}
+    if platform is not None:
+        params["b_platform"] = platform
+    return release_in(conn, statement, params, EXPIRED_RESERVATION, now)
+
+
+def release_in(conn: Connection, statement: sa.Update, params: dict[str, Any],
+               description: str, now: datetime) -> int:
+    """Run a ``_releasing`` statement, and write the RELEASED events of what it gave back."""
+    ids = [row.id for row in fetch(conn, statement, params)]
     for i in range(0, len(ids), CHUNK):
-        conn.execute(_released_events(ids[i : i + CHUNK], description, now))
+        execute(conn, _RELEASED_EVENTS,
+                {"b_ids": ids[i : i + CHUNK], "b_description": description, "b_now": now})
     return len(ids)
 
 
-def _released_events(ids: Sequence[int], description: str, now: datetime) -> sa.Insert:
-    """The RELEASED events of these just-released stages (one INSERT ... SELECT)."""
-    source = (
-        sa.select(
-            STAGE.c.uuid, STAGE.c.process_code, sa.literal(EventKind.RELEASED.value),
-            STAGE.c.platform, STAGE.c.stage, STAGE.c.attempt, sa.literal(description),
-            sa.literal(StageState.IN_PROGRESS.value), STAGE.c.state, TX.c.state,
-            STAGE.c.lease_owner, sa.literal(now, type_=EVENT.c.created_at.type),
-        )
-        .join(TX, TX.c.uuid == STAGE.c.uuid)
-        .where(STAGE.c.id.in_(list(ids)))
+def _pg(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+@functools.cache
+def _lost(by_platform: bool) -> sa.Select[Any]:
+    """The transactions of started attempts whose lease expired."""
+    return (
+        sa.select(STAGE.c.uuid)
+        .where(*_expired(by_platform), STAGE.c.started_at.is_not(None))
+        .limit(sa.bindparam("b_limit", type_=sa.Integer))
     )
-    columns = ["uuid", "process_code", "kind", "platform", "stage", "attempt", "description",
-               "from_state", "to_state", "tx_state", "actor", "created_at"]
-    return sa.insert(EVENT).from_select(columns, source)
 
 
-def recover_lost_attempts(engine: Engine, process_code: str, platforms: list[str] | None,
+def recover_lost_attempts(engine: Engine, process_code: str, platform: str | None,
                           limit: int, clock: Callable[[], datetime], rng: random.Random) -> int:
     """Record the started attempts whose lease expired as lost (one transaction each)."""
     now = clock()
-    query = sa.select(STAGE.c.uuid).where(
-        *expired_leases(process_code, platforms, now), STAGE.c.started_at.is_not(None)
-    )
+    params: dict[str, Any] = {"b_process": process_code, "b_now": now,
+                              "b_limit": check_limit(limit, 100_000)}
+    if platform is not None:
+        params["b_platform"] = platform
     with read_only(engine) as conn:
-        lost = conn.execute(query.limit(check_limit(limit, 100_000))).scalars().all()
+        lost = [row.uuid for row in fetch(conn, _lost(platform is not None), params)]
     recovered = 0
     for uuid in lost:
         with engine.begin() as conn:

@@ -169,8 +169,8 @@ class Tracker:
         itself, so a failing stage is retried by a later run (or by an in-run retry through
         ``claim_stage``), never in a tight loop. ``uuid`` limits the claim to one transaction.
         """
-        args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
-        return claims.claim_where(self.engine, *args)
+        return claims.claim(self.engine, self._claim(process_code, platform, stage, owner,
+                                                     limit, lease_seconds, uuid))
 
     @rarer_young_collections()  # a batch makes thousands of short-lived objects
     def reserve(
@@ -190,32 +190,23 @@ class Tracker:
         Example:
             batch = tracker.reserve("SAP", "A", owner="run-42", limit=500, start=True)
         """
-        args = self._claim_args(process_code, platform, stage, owner, limit, lease_seconds, uuid)
-        return claims.reserve_where(self.engine, *args, start=start)
+        claim = self._claim(process_code, platform, stage, owner, limit, lease_seconds, uuid)
+        return claims.reserve(self.engine, claim, start=start)
 
-    def _claim_args(
+    def _claim(
         self, process_code: str, platform: str, stage: str | None, owner: str, limit: int,
         lease_seconds: float, uuid: str | None,
-    ) -> tuple[list[Any], str, float, datetime, list[Any], int]:
-        """What ``claim`` and ``reserve`` reserve: the candidate queries (the overdue, then
-        the rest), the owner, the lease, now, the expired reservations to give back, the
-        limit (checked)."""
+    ) -> claims.Claim:
+        """What ``claim`` and ``reserve`` reserve (checked), once the lost attempts of dead
+        workers are recorded (one indexed query when there are none), so that this claim
+        can take their stages (it gives their expired reservations back itself)."""
         _, p, stage = self._platform_stage(process_code, platform, stage)
         limit, owner = check_limit(limit), check_owner(owner)
         lease_seconds = check_seconds(lease_seconds)
-        # Stages of dead workers first: their lost attempts are recorded (one indexed query
-        # when there are none), and their expired reservations given back in the claim's own
-        # transaction, so this claim can take them.
-        leases.recover_lost_attempts(self.engine, process_code, [p.code], 1000, self.clock,
+        leases.recover_lost_attempts(self.engine, process_code, p.code, 1000, self.clock,
                                      self.rng)
-        now = self.clock()
-        candidates = [
-            claims.claimable(process_code, p.code, stage, owner, now, uuid, limit,
-                             overdue_only=True),
-            claims.claimable(process_code, p.code, stage, owner, now, uuid, limit),
-        ]
-        expired = leases.expired_leases(process_code, [p.code], now)
-        return candidates, owner, lease_seconds, now, expired, limit
+        return claims.Claim(process_code, p.code, stage, owner, lease_seconds, self.clock(),
+                            limit, uuid)
 
     def claim_stage(
         self, uuid: str, platform: str, stage: str | None = None, *, owner: str,
@@ -228,9 +219,8 @@ class Tracker:
         """
         _, p, stage = self._platform_stage(reads.process_of(self.engine, uuid), platform, stage)
         owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
-        candidate = claims.one_open_stage(uuid, p.code, stage)
-        claimed = claims.claim_where(self.engine, candidate, owner, lease_seconds, self.clock())
-        return claimed[0] if claimed else None
+        return claims.claim_one(self.engine, uuid, p.code, stage, owner, lease_seconds,
+                                self.clock())
 
     def extend_lease(
         self, uuid: str, platform: str, stage: str | None = None, *, owner: str, seconds: float
@@ -313,8 +303,8 @@ class Tracker:
         owner = check_owner(owner)
         if uuids is not None:
             uuids = _check_uuids(uuids)
-        return leases.release(self.engine, leases.held_by(process_code, owner),
-                              f"released by {owner}: {reason}", self.clock(), uuids=uuids)
+        return leases.release_held(self.engine, process_code, owner,
+                                   f"released by {owner}: {reason}", self.clock(), uuids)
 
     def recover_expired_leases(
         self, process_code: str, platform: str | None = None, *, limit: int = 1000
@@ -327,11 +317,9 @@ class Tracker:
         Returns how many stages were recovered.
         """
         process = self.process(process_code)
-        codes = [process.get_platform(platform).code] if platform else None
-        expired = leases.expired_leases(process_code, codes, self.clock())
-        released = leases.release(self.engine, expired, leases.EXPIRED_RESERVATION,
-                                  self.clock(), skip_locked=True)
-        return released + leases.recover_lost_attempts(self.engine, process_code, codes, limit,
+        code = process.get_platform(platform).code if platform else None
+        released = leases.release_expired(self.engine, process_code, code, self.clock())
+        return released + leases.recover_lost_attempts(self.engine, process_code, code, limit,
                                                        self.clock, self.rng)
 
     # -- recording attempts ----------------------------------------------------------------
