@@ -290,6 +290,8 @@ def _snapshot(engine):
         (lambda t, u: t.complete_stage("no-such-uuid", "A", 0), TransactionNotFound),
         (lambda t, u: t.get_pending_stages(P, "A", limit=0), ValueError),
         (lambda t, u: t.claim(P, "A", owner=""), ValueError),
+        (lambda t, u: t.claim(P, "A", owner="w", uuid=123), ValueError),
+        (lambda t, u: t.reserve(P, "A", owner="w", uuid=[u]), ValueError),
         (lambda t, u: t.complete_stage(u, "A", 0, owner="someone"), LeaseLost),
     ],
 )

@@ -17,10 +17,11 @@ from sqlalchemy.engine import Connection, Row
 from tracking.errors import LeaseLost
 from tracking.models import EventKind, StageState, TxStage, TxState, from_row
 from tracking.outcomes import ExecutionResult, Outcome
-from tracking.states import RUNNABLE_STAGE_STATES, StageFacts, Transition, decide
+from tracking.states import StageFacts, Transition, decide
 from tracking.store.driver import execute_many
 from tracking.store.sql import (
     INSERT_EVENTS,
+    RUNNABLE,
     STAGE,
     TX,
     UPDATE_TX,
@@ -76,7 +77,7 @@ _UNLOCK_STAGES_IN = sa.update(STAGE).where(_BY_IDS, _PENDING).values(_UNLOCK)
 _CANCEL_REST = (
     sa.update(STAGE)
     .where(STAGE.c.uuid == sa.bindparam("b_uuid"), STAGE.c.id != sa.bindparam("b_id"),
-           sa.or_(*(STAGE.c.state == s for s in sorted(RUNNABLE_STAGE_STATES))))
+           RUNNABLE)
     .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=sa.bindparam("v_now"),
             finished_at=sa.bindparam("v_now"),
             error_description="cancelled: an earlier stage was rejected")

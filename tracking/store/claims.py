@@ -33,10 +33,21 @@ from sqlalchemy.engine import Connection, Engine
 from tracking.db import read_only, write_transaction
 from tracking.errors import LeaseLost
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
-from tracking.states import RUNNABLE_STAGE_STATES
 from tracking.store.driver import Conn, execute, fetch
-from tracking.store.leases import NOW, OWNER, PLATFORM, PROCESS, release_expired_in
-from tracking.store.sql import CHUNK, RESERVED, STAGE, TX, any_of, as_dicts
+from tracking.store.leases import release_expired_in
+from tracking.store.sql import (
+    CHUNK,
+    NOW,
+    OWNER,
+    PLATFORM,
+    PROCESS,
+    RESERVED,
+    RUNNABLE,
+    STAGE,
+    TX,
+    any_of,
+    as_dicts,
+)
 
 # Starts the attempts of reserved stages of one platform stage (one or many).
 _START_ATTEMPTS = (
@@ -57,9 +68,6 @@ _START_ATTEMPTS = (
     .returning(STAGE.c.uuid, STAGE.c.attempt)
 )
 
-
-#: A stage that may be claimed (PENDING or TERMINATED; no expanding IN: see driver).
-RUNNABLE = sa.or_(*(STAGE.c.state == state for state in sorted(RUNNABLE_STAGE_STATES)))
 
 #: The claim order of due stages (``ix_tx_stage_runnable``'s order).
 CLAIM_ORDER = (STAGE.c.priority.desc(), STAGE.c.next_attempt_at, STAGE.c.id)
@@ -143,6 +151,7 @@ class Reservation(NamedTuple):
 # reserve unpacks these by position: change the order in both places.
 _RESERVED_COLUMNS = (STAGE.c.id, STAGE.c.uuid, STAGE.c.process_code, STAGE.c.platform,
                      STAGE.c.stage, STAGE.c.attempt, STAGE.c.priority)
+_TXS_OF_CLAIMED = sa.select(TX).where(any_of(TX.c.uuid, "b_uuids"))
 _TX_OF_RESERVED = sa.select(TX.c.uuid, TX.c.business_key, TX.c.state, TX.c.payload).where(
     any_of(TX.c.uuid, "b_uuids")
 )
@@ -250,9 +259,6 @@ def claim_one(engine: Engine, uuid: str, platform: str, stage: str, owner: str,
         rows = fetch(conn, _claiming_one(conn.dialect.name == "postgresql"), params)
         claimed = _with_transactions(conn, rows)
     return claimed[0] if claimed else None
-
-
-_TXS_OF_CLAIMED = sa.select(TX).where(any_of(TX.c.uuid, "b_uuids"))
 
 
 def _with_transactions(conn: Connection, rows: list[Any]) -> list[TxStage]:

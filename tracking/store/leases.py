@@ -22,17 +22,28 @@ from tracking.db import read_only
 from tracking.models import EventKind, StageState
 from tracking.states import released_state
 from tracking.store.driver import execute, fetch
-from tracking.store.sql import CHUNK, EVENT, RESERVED, STAGE, TX, any_of, check_limit, lock
+from tracking.store.sql import (
+    CHUNK,
+    EVENT,
+    NOW,
+    OWNER,
+    PLATFORM,
+    PROCESS,
+    RESERVED,
+    STAGE,
+    TX,
+    any_of,
+    check_limit,
+    lock,
+)
 from tracking.store.transitions import record_lost_attempt
 
 EXPIRED_RESERVATION = "reservation expired before the attempt started (its run stopped)"
 
 
-# The parameters of the statements below, which are built once (by ``functools.cache``) and
-# run on the driver (``tracking.store.driver``): a claim gives back expired reservations
-# first, every time, and building and hashing its statements cost more than running them.
-PROCESS, PLATFORM, OWNER = (sa.bindparam(n) for n in ("b_process", "b_platform", "b_owner"))
-NOW = sa.bindparam("b_now", type_=STAGE.c.updated_at.type)
+# The statements below are built once (``functools.cache``) and run on the driver
+# (``tracking.store.driver``): a claim gives back expired reservations first, every time, and
+# building and hashing its statements cost more than running them.
 
 
 def _held() -> list[Any]:
@@ -57,20 +68,20 @@ def _expired(by_platform: bool) -> list[Any]:
 
 
 @functools.cache
-def _releasing(expired: bool, by_platform: bool, by_uuids: bool, postgresql: bool
+def _releasing(expired: bool, by_platform: bool, by_uuids: bool, skip_locked: bool
                ) -> sa.Update:
     """Reserved stages back to runnable: the expired reservations of a process (of one
     platform), or those an owner holds (of some transactions); their ids.
 
-    Expired ones are given back by whoever comes along (a claim, a recovery): on PostgreSQL
-    it leaves rows another transaction holds for a later call (``SKIP LOCKED``) instead of
-    waiting or deadlocking.
+    ``skip_locked`` (PostgreSQL) leaves rows another transaction holds for a later call:
+    expired reservations are given back by whoever comes along (a claim, a recovery), which
+    must not wait or deadlock.
     """
     where = _expired(by_platform) if expired else _held()
     if by_uuids:
         where.append(any_of(STAGE.c.uuid, "b_uuids"))
     matching: Any = sa.and_(*where, RESERVED)
-    if expired and postgresql:
+    if skip_locked:
         locked = sa.select(STAGE.c.id).where(matching).with_for_update(skip_locked=True)
         matching = sa.and_(STAGE.c.id.in_(locked.scalar_subquery()), RESERVED)
     return (
@@ -99,7 +110,7 @@ _RELEASED_EVENTS = sa.insert(EVENT).from_select(
         STAGE.c.platform, STAGE.c.stage, STAGE.c.attempt,
         sa.bindparam("b_description", type_=EVENT.c.description.type),
         sa.literal(StageState.IN_PROGRESS.value), STAGE.c.state, TX.c.state,
-        STAGE.c.lease_owner, sa.bindparam("b_now", type_=EVENT.c.created_at.type),
+        STAGE.c.lease_owner, NOW,
     )
     .join(TX, TX.c.uuid == STAGE.c.uuid)
     .where(any_of(STAGE.c.id, "b_ids")),
@@ -114,12 +125,12 @@ def release_held(engine: Engine, process_code: str, owner: str, description: str
     params = {"b_process": process_code, "b_owner": owner, "b_now": now}
     if uuids is None:
         with engine.begin() as conn:
-            return release_in(conn, _releasing(False, False, False, _pg(conn)), params,
+            return release_in(conn, _releasing(False, False, False, False), params,
                               description, now)
     released = 0
     for i in range(0, len(uuids), CHUNK):
         with engine.begin() as conn:
-            released += release_in(conn, _releasing(False, False, True, _pg(conn)),
+            released += release_in(conn, _releasing(False, False, True, False),
                                    {**params, "b_uuids": list(uuids[i : i + CHUNK])},
                                    description, now)
     return released
@@ -135,7 +146,8 @@ def release_expired(engine: Engine, process_code: str, platform: str | None,
 def release_expired_in(conn: Connection, process_code: str, platform: str | None,
                        now: datetime) -> int:
     """``release_expired`` in the caller's database transaction (a claim's)."""
-    statement = _releasing(True, platform is not None, False, _pg(conn))
+    statement = _releasing(True, platform is not None, False,
+                           conn.dialect.name == "postgresql")
     params = {"b_process": process_code, "b_now": now}
     if platform is not None:
         params["b_platform"] = platform
@@ -150,10 +162,6 @@ def release_in(conn: Connection, statement: sa.Update, params: dict[str, Any],
         execute(conn, _RELEASED_EVENTS,
                 {"b_ids": ids[i : i + CHUNK], "b_description": description, "b_now": now})
     return len(ids)
-
-
-def _pg(conn: Connection) -> bool:
-    return conn.dialect.name == "postgresql"
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from tracking.errors import TransactionNotFound
 from tracking.models import EventKind, StageState, TxEvent, TxProcess, TxStage, TxState
 from tracking.policy import RetryPolicy
-from tracking.states import FINAL_TX_STATES
+from tracking.states import FINAL_TX_STATES, RUNNABLE_STAGE_STATES
 from tracking.store.driver import Conn, Record, execute, execute_many, fetch
 
 
@@ -100,6 +100,11 @@ UPDATE_TX = sa.update(TX).where(TX.c.uuid == sa.bindparam("b_uuid"))
 UPDATE_TXS = sa.update(TX).where(any_of(TX.c.uuid, "b_uuids"))
 # A stage IN_PROGRESS is either reserved (no attempt started yet) or running an attempt.
 RESERVED = sa.and_(STAGE.c.state == StageState.IN_PROGRESS, STAGE.c.started_at.is_(None))
+# A stage that may run (PENDING or TERMINATED), as ORs: the driver takes no expanding IN.
+RUNNABLE = sa.or_(*(STAGE.c.state == state for state in sorted(RUNNABLE_STAGE_STATES)))
+# Parameters the claim and lease statements share (they are built once, with these bound).
+PROCESS, PLATFORM, OWNER = (sa.bindparam(n) for n in ("b_process", "b_platform", "b_owner"))
+NOW = sa.bindparam("b_now", type_=STAGE.c.updated_at.type)
 
 
 def execute_grouped(conn: Connection, one: Any, many: Any, key: str, names: Sequence[str],

@@ -203,6 +203,8 @@ class Tracker:
         _, p, stage = self._platform_stage(process_code, platform, stage)
         limit, owner = check_limit(limit), check_owner(owner)
         lease_seconds = check_seconds(lease_seconds)
+        if uuid is not None:
+            _check_strings(uuid=uuid)
         leases.recover_lost_attempts(self.engine, process_code, p.code, 1000, self.clock,
                                      self.rng)
         return claims.Claim(process_code, p.code, stage, owner, lease_seconds, self.clock(),

@@ -20,7 +20,6 @@ from tracking.models import EventKind, StageState, TxStage, TxState, from_row
 from tracking.outcomes import ExecutionResult
 from tracking.states import (
     FINAL_STAGE_STATES,
-    RUNNABLE_STAGE_STATES,
     StageFacts,
     StageSnapshot,
     check_cancel,
@@ -35,6 +34,7 @@ from tracking.store.sql import (
     INSERT_EVENT,
     INSERT_EVENTS,
     RESERVED,
+    RUNNABLE,
     STAGE,
     UPDATE_STAGE,
     UPDATE_TX,
@@ -49,7 +49,7 @@ _UPDATE_STAGE_FENCED = UPDATE_STAGE.where(STAGE.c.state == sa.bindparam("b_state
 _CANCEL_OTHER_STAGES = sa.update(STAGE).where(
     STAGE.c.uuid == sa.bindparam("b_uuid"),
     STAGE.c.id != sa.bindparam("b_id"),
-    sa.or_(*(STAGE.c.state == s for s in sorted(RUNNABLE_STAGE_STATES))),  # no expanding IN
+    RUNNABLE,
 )
 
 
@@ -216,7 +216,7 @@ def cancel(
         sa.update(STAGE)
         .where(
             STAGE.c.uuid == tx.uuid,
-            sa.or_(STAGE.c.state.in_(list(RUNNABLE_STAGE_STATES)), RESERVED),
+            sa.or_(RUNNABLE, RESERVED),
         )
         .values(
             state=StageState.CANCELLED,
