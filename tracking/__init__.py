@@ -28,7 +28,7 @@ from tracking.outcomes import BusinessError, ExecutionResult, Outcome, SystemFai
 from tracking.policy import RetryPolicy
 from tracking.reports import Reports
 from tracking.schedule import Item
-from tracking.store import Completion, Start, Tracker
+from tracking.store import Completion, RecordedAttempt, Start, Tracker
 
 try:
     __version__ = version("prefect-tracking")
@@ -50,6 +50,7 @@ __all__ = [
     "PayloadHash",
     "Platform",
     "Process",
+    "RecordedAttempt",
     "Reports",
     "RetryPolicy",
     "StageState",

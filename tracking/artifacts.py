@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tracking.models import StageState, TxStage
 from tracking.reports import DEFAULT_REPORT_WINDOW, Reports, summary_markdown
-from tracking.store import Tracker
+from tracking.store import RecordedAttempt, Tracker
 
 
 def artifact_key(prefix: str, process: str) -> str:
@@ -32,7 +32,7 @@ class Tally:
         self.errors: Counter[tuple[str, int, str]] = Counter()
         self.stages_run = 0
 
-    def add(self, stage: TxStage) -> None:
+    def add(self, stage: TxStage | RecordedAttempt) -> None:
         self.stages_run += 1
         platform, state, code = stage.platform, stage.state, stage.error_code
         self.by_platform[platform][state.value if isinstance(state, StageState) else state] += 1

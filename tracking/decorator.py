@@ -37,8 +37,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,7 +54,7 @@ from tracking.errors import InvalidTransition, LeaseLost
 from tracking.models import StageState, TxStage, TxState
 from tracking.outcomes import ExecutionResult, Outcome, result_from_exception, to_result
 from tracking.recorder import Recorder
-from tracking.store import Completion, Reservation, Tracker
+from tracking.store import Completion, RecordedAttempt, Reservation, Tracker
 
 REJECTED = "Rejected"
 SYSTEM_ERROR = "SystemError"
@@ -126,7 +126,7 @@ class TxContext:
         self.claim = claim
         # Set by the tracked task for its run's bookkeeping: the stage as this attempt
         # recorded it (None when it recorded nothing: skipped, or ended before recording).
-        self.recorded: TxStage | None = None
+        self.recorded: TxStage | RecordedAttempt | None = None
         # The transaction's state when its stage was claimed (to take back an attempt).
         self.claimed_state = TxState.PENDING
         # When this attempt started (None while only reserved), and whether the platform
@@ -209,18 +209,18 @@ def concurrency_limit_name(process: str, platform: str) -> str:
     return f"tracking:{process}:{platform}"
 
 
-@contextmanager
-def session(limit: str | None) -> Iterator[None]:
+_NO_SESSION = nullcontext()
+
+
+def session(limit: str | None) -> AbstractContextManager[Any]:
     """One of the platform's sessions for the duration of a call (a slot of its Prefect
     global concurrency limit, waited for), or nothing for a platform without a limit. Only
     those task runs pay the slot API calls."""
     if limit is None:
-        yield
-        return
+        return _NO_SESSION  # a batch enters it for each call
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(limit, occupy=1, strict=True):
-        yield
+    return concurrency(limit, occupy=1, strict=True)
 
 
 def execute(
@@ -272,7 +272,7 @@ def execute_batch(
     together: the attempts start together (already with their reservation,
     ``Tracker.reserve(start=True)``, or here with ``Tracker.start_attempts``), the calls run
     one after the other, and the results are written at the end in one database transaction
-    (``Tracker.complete_many``); until then the run's heartbeat keeps the leases alive.
+    (``Tracker.complete_batch``); until then the run's heartbeat keeps the leases alive.
     Returns how many were recorded.
 
     Used for ``Platform(idempotent=True)`` only: if the process dies before the batch is
@@ -305,8 +305,8 @@ def execute_batch(
             with session(limit):
                 result = _call(fn, tx)
             completions.append(Completion(tx.uuid, tx.platform, tx.stage, result, task_run_id))
-        recorded = tracker.complete_many(completions, owner=claim.owner,
-                                         flow_run_id=flow_run_id) if completions else []
+        recorded = tracker.complete_batch(completions, owner=claim.owner,
+                                          flow_run_id=flow_run_id) if completions else []
     finally:
         with claim.lock:
             claim.awaiting.difference_update(tx.uuid for tx in started)

@@ -10,7 +10,7 @@ from tests.conftest import cancellation_process
 from tests.integration.test_queries import count_statements
 from tracking import ExecutionResult, LeaseLost, StageState, Tracker, TxState
 from tracking.errors import TransactionNotFound
-from tracking.store import Completion
+from tracking.store import Completion, RecordedAttempt
 
 P = "CANCELLATION"
 CODES = [0, 0, 7, -1, 0, -3, 0, 5]  # success, business and system errors
@@ -137,3 +137,35 @@ def test_entries_that_are_not_completions_are_refused_with_a_clear_error(tracker
     """Before: an AttributeError (``'tuple' object has no attribute 'result'``)."""
     with pytest.raises(TypeError, match="Completion entries"):
         tracker.complete_many(entries, owner="run-1")
+
+
+def test_complete_batch_records_the_same_and_answers_each_attempt_briefly(engine, clock):
+    """A resume run's batch (``complete_batch``) writes what ``complete_many`` writes; its
+    answer is each attempt's outcome as a ``RecordedAttempt`` (or a ``LeaseLost``)."""
+    one = Tracker(engine, processes=[cancellation_process()], clock=clock)
+    stages = _claimed(one, len(CODES))
+    clock.advance(60)
+    lost = stages[1]
+    for s in stages:
+        if s is not lost:
+            one.extend_lease(s.uuid, "A", owner="run-1", seconds=7200)
+    clock.advance(1801)
+    assert one.recover_expired_leases(P) == 1  # another run records lost's attempt as lost
+    done = one.complete_batch(
+        [Completion(s.uuid, "A", "validate", ExecutionResult(c, f"code {c}" if c else None))
+         for s, c in zip(stages, CODES, strict=True)],
+        owner="run-1",
+    )
+    assert isinstance(done[1], LeaseLost)
+    assert all(isinstance(d, RecordedAttempt) for i, d in enumerate(done) if i != 1)
+    assert [(d.uuid, d.platform, d.stage) for d in done if not isinstance(d, LeaseLost)] == [
+        (s.uuid, "A", "validate") for s in stages if s is not lost]
+    recorded = one.get_stages([s.uuid for s in stages], "A", "validate")
+    assert [(d.state, d.attempt, d.error_code, d.error_description)
+            for d in done if not isinstance(d, LeaseLost)] == [
+        (r.state, r.attempt, r.error_code, r.error_description)
+        for r in recorded if r.uuid != lost.uuid]
+    assert [d.state for d in done if not isinstance(d, LeaseLost)] == [
+        StageState.COMPLETED, StageState.REJECTED, StageState.EXHAUSTED, StageState.COMPLETED,
+        StageState.EXHAUSTED, StageState.COMPLETED, StageState.REJECTED]
+    assert one.complete_batch([], owner="run-1") == []

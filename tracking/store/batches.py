@@ -47,14 +47,28 @@ _NEXT_ID = (
     .limit(1)
     .scalar_subquery()
 )
-_LOCK_RECORDED = (
-    sa.select(*(c for c in STAGE.c if c.name not in _OVERWRITTEN), _NEXT_ID.label("next_id"))
-    .where(any_of(STAGE.c.uuid, "b_uuids"),
-           STAGE.c.platform == sa.bindparam("b_platform"),
-           STAGE.c.stage == sa.bindparam("b_stage"))
-    .order_by(STAGE.c.uuid)
-    .with_for_update(of=STAGE)
-)
+# What deciding a result needs (``Tracker.complete_batch``, which answers in brief).
+_DECIDED_FROM = ("id", "uuid", "process_code", "platform", "stage", "state", "attempt",
+                 "attempts_allowed", "lease_owner", "started_at", "finished_at",
+                 "retry_delay_seconds", "retry_backoff", "retry_max_delay_seconds",
+                 "retry_jitter_seconds")
+
+
+def _lock_recorded(columns: list[sa.Column[Any]]) -> sa.Select[Any]:
+    return (
+        sa.select(*columns, _NEXT_ID.label("next_id"))
+        .where(any_of(STAGE.c.uuid, "b_uuids"),
+               STAGE.c.platform == sa.bindparam("b_platform"),
+               STAGE.c.stage == sa.bindparam("b_stage"))
+        .order_by(STAGE.c.uuid)
+        .with_for_update(of=STAGE)
+    )
+
+
+_LOCK_RECORDED = {
+    False: _lock_recorded([c for c in STAGE.c if c.name not in _OVERWRITTEN]),
+    True: _lock_recorded([STAGE.c[name] for name in _DECIDED_FROM]),
+}
 _LOCK_TXS_OF = (
     sa.select(TX.c.uuid, TX.c.state, TX.c.finished_at)
     .where(any_of(TX.c.uuid, "b_uuids"))
@@ -63,6 +77,8 @@ _LOCK_TXS_OF = (
 )
 _STAGE_COLUMNS = ("state", "attempt", "next_attempt_at", "lease_expires_at", "started_at",
                   "error_code", "error_type", "error_description", "updated_at", "finished_at")
+_STATE_I, _ATTEMPT_I, _CODE_I, _DESCRIPTION_I = (
+    _STAGE_COLUMNS.index(c) for c in ("state", "attempt", "error_code", "error_description"))
 # Each write by id, and (``execute_grouped``) by a list of ids sharing its values.
 _BY_ID = STAGE.c.id == sa.bindparam("b_id")
 _BY_IDS = any_of(STAGE.c.id, "b_ids")
@@ -102,6 +118,7 @@ def apply_many(
     rng: random.Random,
     *,
     flow_run_id: str | None = None,
+    brief: bool = False,
 ) -> Recorded:
     """Record a batch of results in the caller's database transaction, with a handful of
     statements whatever the batch size: the stages recorded are locked and read (with the
@@ -109,11 +126,12 @@ def apply_many(
     order); each result is decided by ``states.decide``; the stages, the next stages, the
     cancelled ones, the transactions and the events are written with a statement for each
     set of rows that share their values. A stage no longer claimed by ``owner`` is not
-    written: its entry is a ``LeaseLost`` (``Recorded.stages()``)."""
+    written: its entry is a ``LeaseLost`` (``Recorded.stages()``). ``brief`` reads only what
+    deciding needs, for an answer in brief (``Recorded.attempts()``)."""
     uuids = [c.uuid for c in completions]
     if len(set(uuids)) != len(uuids):
         raise ValueError("complete_many takes one result per transaction")
-    recorded, txs = _lock(conn, completions)
+    recorded, txs = _lock(conn, completions, brief)
     keys = next(iter(recorded.values()))._fields[:-1]  # the stage's columns, not next_id
     # Read by position: a Row's attributes cost ~1 us each, and a batch reads thousands.
     at = {k: i for i, k in enumerate(keys)}
@@ -176,13 +194,42 @@ def apply_many(
     return Recorded(keys, out)
 
 
+class RecordedAttempt(NamedTuple):
+    """One attempt as ``Tracker.complete_batch`` recorded it: its stage's state, attempt and
+    error after it (a named tuple: a resume run's batch makes hundreds, and tallies them)."""
+
+    uuid: str
+    platform: str
+    stage: str
+    state: StageState
+    attempt: int
+    error_code: int | None
+    error_description: str | None
+
+
 class Recorded(NamedTuple):
     """What ``apply_many`` wrote: each stage's row as read and the values written to it
-    (or a ``LeaseLost``). ``stages()`` builds the recorded stages: after the commit, so that
-    the writer's lock is not held meanwhile."""
+    (or a ``LeaseLost``). ``stages()`` builds the recorded stages, ``attempts()`` says
+    briefly what was recorded: after the commit, so that the writer's lock is not held
+    meanwhile."""
 
     keys: tuple[str, ...]
     entries: list[tuple[Row[Any], tuple[Any, ...]] | LeaseLost]
+
+    def attempts(self) -> list[RecordedAttempt | LeaseLost]:
+        if not self.entries:
+            return []
+        uuid_i, platform_i, stage_i = (self.keys.index(k) for k in ("uuid", "platform", "stage"))
+        out: list[RecordedAttempt | LeaseLost] = []
+        for entry in self.entries:
+            if isinstance(entry, LeaseLost):
+                out.append(entry)
+                continue
+            row, values = entry
+            out.append(RecordedAttempt(
+                row[uuid_i], row[platform_i], row[stage_i], values[_STATE_I], values[_ATTEMPT_I],
+                values[_CODE_I], values[_DESCRIPTION_I]))
+        return out
 
     def stages(self) -> list[TxStage | LeaseLost]:
         out: list[TxStage | LeaseLost] = []
@@ -229,7 +276,7 @@ class _Decisions:
         return changes
 
 
-def _lock(conn: Connection, completions: Sequence[Completion]
+def _lock(conn: Connection, completions: Sequence[Completion], brief: bool
           ) -> tuple[dict[str, Row[Any]], dict[str, tuple[TxState, datetime | None]]]:
     """Lock and read the recorded stages (by uuid), then their transactions' states, in
     the global lock order: the stages (by uuid; a transaction's in seq order: the recorded
@@ -239,18 +286,18 @@ def _lock(conn: Connection, completions: Sequence[Completion]
         by_name.setdefault((c.platform, c.stage), []).append(c.uuid)
     recorded: dict[str, Row[Any]] = {}
     for (platform, stage), of in sorted(by_name.items(), key=lambda g: str(g[0])):
-        _read_recorded(conn, platform, stage, sorted(of), recorded)
+        _read_recorded(conn, platform, stage, sorted(of), recorded, brief)
     for c in completions:
         if c.uuid not in recorded:  # say what is wrong, or find a one-stage platform's stage
             stages, _ = lock(conn, c.uuid)
             row = find_stage(stages, c.uuid, c.platform, c.stage)
-            _read_recorded(conn, row.platform, row.stage, [c.uuid], recorded)
+            _read_recorded(conn, row.platform, row.stage, [c.uuid], recorded, brief)
     found = conn.execute(_LOCK_TXS_OF, {"b_uuids": sorted(recorded)}).all()
     return recorded, {uuid: (state, finished_at) for uuid, state, finished_at in found}
 
 
 def _read_recorded(conn: Connection, platform: str, stage: str | None, uuids: list[str],
-                   into: dict[str, Row[Any]]) -> None:
+                   into: dict[str, Row[Any]], brief: bool) -> None:
     """Lock and read the stages ``platform``/``stage`` of these transactions, by uuid."""
     params = {"b_uuids": uuids, "b_platform": platform, "b_stage": stage}
-    into.update((r.uuid, r) for r in conn.execute(_LOCK_RECORDED, params).all())
+    into.update((r.uuid, r) for r in conn.execute(_LOCK_RECORDED[brief], params).all())
