@@ -515,7 +515,7 @@ def _tracking_timer() -> CallTimer:
         (Tracker, "complete_stage", "Tracker.complete_stage (in the task)"),
         (Tracker, "start_attempt", "Tracker.start_attempt (in the task)"),
         (Tracker, "start_attempts", "Tracker.start_attempts (in the batch task)"),
-        (Tracker, "complete_many", "Tracker.complete_many (in the batch task)"),
+        (Tracker, "complete_batch", "Tracker.complete_batch (in the batch task)"),
         (decorator, "get_run_logger", "get_run_logger (in the task)"),
         (decorator, "_call", "the platform function (no-op)"),
         (Tracker, "claim", "Tracker.claim (flow)"),

@@ -17,7 +17,8 @@ file per measurement:
   ``claim`` 500 at a time, ``start_attempt`` + ``complete_stage`` per stage;
 * this project, in batches: ``start_many`` in chunks of 1,000, then per run and platform
   ``reserve(start=True)`` 500 at a time (a resume run's claim, which starts the attempts of
-  a batch of an ``idempotent`` platform with it), then one ``complete_many`` per batch.
+  a batch of an ``idempotent`` platform with it), then one ``complete_batch`` per batch
+  (``complete_many`` answered in brief, as a resume run records a batch).
 
 Every measurement ends with a check: the final state of each transaction and the state and
 attempt count of each of its stages must be what the outcome pattern implies under that
@@ -274,10 +275,10 @@ def hourly_run(tracker: Tracker, owner: str, batched: bool,
                     record.call(tracker.complete_stage, s.uuid, code, result, stage=s.stage,
                                 owner=owner)
             if completions:
-                done = record.call(tracker.complete_many, completions, owner=owner)
+                done = record.call(tracker.complete_batch, completions, owner=owner)
                 lost = [d for d in done if isinstance(d, LeaseLost)]
                 if lost:
-                    raise SystemExit(f"complete_many lost {len(lost)} leases: {lost[0]}")
+                    raise SystemExit(f"complete_batch lost {len(lost)} leases: {lost[0]}")
             count += len(batch)
         attempts[code] = count
     return {
@@ -383,13 +384,13 @@ ROWS: list[tuple[str, str, str, str]] = [
      "intake)", "intake", "batch", "intake"),
     ("hourly run 1, per stage (here: `claim` 500 + `start_attempt` + `complete_stage`)",
      "run1", "stage", "run1"),
-    ("hourly run 1, here `reserve(start=True)` 500 + `complete_many` per batch",
+    ("hourly run 1, here `reserve(start=True)` 500 + `complete_batch` per batch",
      "run1", "batch", "run1"),
     ("hourly run 2, per stage", "run2", "stage", "run2"),
-    ("hourly run 2, here `reserve(start=True)` 500 + `complete_many` per batch",
+    ("hourly run 2, here `reserve(start=True)` 500 + `complete_batch` per batch",
      "run2", "batch", "run2"),
     ("whole workload, one by one + per stage", "total", "stage", "total"),
-    ("whole workload, `start_many` + `reserve(start=True)` + `complete_many`",
+    ("whole workload, `start_many` + `reserve(start=True)` + `complete_batch`",
      "total", "batch", "total"),
 ]
 
@@ -501,7 +502,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Wall-clock seconds of each phase; in brackets the stage attempts recorded by a run. "
         "Find: rpa-tracker `get_pending_stages`, this project `claim` (one by one) or "
         "`reserve(start=True)` (batches: the attempts start with the claim); record: "
-        "`complete_stage` / `complete_many` (this project's `start_attempt` time is in the "
+        "`complete_stage` / `complete_batch` (this project's `start_attempt` time is in the "
         "run, listed apart in the JSON).",
         "",
         "| N | tracker | intake | run 1 | run 1 find / record | run 2 | whole workload | "
