@@ -472,7 +472,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                       "faster).", "", head,
                       "|---" * (len(both) + 1) + "|"]
             for label, rkey, side, key in ROWS:
-                cells = [_ratio(seconds_of(r.get(ref), rkey), seconds_of(r[side], key))
+                cells = [_ratio(seconds_of(r.get(ref), rkey), seconds_of(r.get(side), key))
                          for r in both]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -488,7 +488,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ]
         for label, rkey, side, key in ROWS:
             cells = [
-                f"{_rate(stages_per_s(r['rpa'], rkey))} / {_rate(stages_per_s(r[side], key))}"
+                f"{_rate(stages_per_s(r['rpa'], rkey))} / {_rate(stages_per_s(r.get(side), key))}"
                 for r in both
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
