@@ -5,7 +5,9 @@ asked (``migrate=True``: ``tracking db upgrade``, the demo, the API's startup, t
 flows check that the schema is current (``check_schema``) instead of changing it.
 
 SQLite (the embedded default) is set up for several processes: WAL, a busy timeout and
-``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of failing. PostgreSQL
+``BEGIN IMMEDIATE`` for write transactions, so writers queue instead of failing; the writers
+of one process queue on a lock of their own, and a background thread copies the WAL back
+into the database file while they write (``_Checkpointer``). PostgreSQL
 uses psycopg 3, each connection planning every statement with its own parameters.
 
 Example:
@@ -16,7 +18,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,8 +43,87 @@ SQLITE_CACHE_KIB = 65_536
 SQLITE_WAL_CHECKPOINT_PAGES = 10_000
 _READ_ONLY = "tracking_read_only"
 _HOLDS_WRITER = "tracking_holds_writer"
-# Each SQLite engine's lock for its writers in this process (see _sqlite_engine).
-_WRITERS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
+
+
+class _Checkpointer:
+    """Copies a SQLite database's WAL back into its file from a background thread, so that
+    its writers need not: SQLite's own checkpoint runs in the commit that crosses its
+    threshold, two fsyncs included (70-100 ms every ~40 MiB of WAL on a small machine), and
+    holds up that writer and every writer of the process queued behind it. The writers' own
+    checkpoint stays as a backstop, for a WAL that grows faster than this thread copies it.
+
+    The thread starts with a commit and ends after ``IDLE_SECONDS`` without one (the next
+    commit starts it again): a process that has stopped writing keeps no thread and no
+    connection. ``writer`` is the process's writer lock for the database: a commit wakes
+    the thread holding it, and the thread decides to end holding it, so no commit is missed.
+    """
+
+    IDLE_SECONDS = 2.0
+    PAUSE_SECONDS = 0.2  # between two checkpoints: the commits meanwhile share the next one
+
+    def __init__(self, path: str, writer: threading.RLock) -> None:
+        self._path, self._writer = path, writer
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0  # the process that started the thread (a forked child has none)
+        self._failed = False
+
+    def committed(self) -> None:
+        """A write transaction committed (called holding the writer lock)."""
+        if self._failed:
+            return
+        if not self._wake.is_set():
+            self._wake.set()
+        if self._thread is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"tracking-checkpoint {Path(self._path).name}")
+            self._thread.start()
+
+    def _run(self) -> None:
+        connection = None
+        try:
+            connection = sqlite3.connect(self._path, isolation_level=None,
+                                         check_same_thread=False)
+            # The checkpoint syncs as the writers' transactions do.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            while self._wake.wait(self.IDLE_SECONDS) or not self._ended():
+                self._wake.clear()
+                # PASSIVE: as much as no reader or writer is holding up, never waiting.
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                time.sleep(self.PAUSE_SECONDS)
+        except sqlite3.Error as exc:  # the writers' own checkpoint takes over, for good
+            log.warning("background checkpoints of %s stopped: %s", self._path, exc)
+            self._failed = True
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _ended(self) -> bool:
+        """Idle: end, unless a commit came meanwhile."""
+        with self._writer:
+            if self._wake.is_set():
+                return False
+            self._thread = None
+            return True
+
+
+class _Writers:
+    """A SQLite engine's writers in this process: the lock they queue on and, for a database
+    file, the checkpointer that copies what they write back into it."""
+
+    def __init__(self, path: str | None) -> None:
+        self.lock = threading.RLock()
+        self.checkpointer = _Checkpointer(path, self.lock) if path else None
+
+    def committed(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
+
+
+# Each SQLite engine's writers in this process (see _sqlite_engine).
+_WRITERS: weakref.WeakKeyDictionary[Engine, _Writers] = weakref.WeakKeyDictionary()
 
 
 def normalise_url(url: str) -> str:
@@ -80,6 +164,13 @@ def _postgresql_engine(url: str) -> Engine:
     return engine
 
 
+def _database_file(database: str | None) -> str | None:
+    """The path of a SQLite database file (None: in memory, or named by a URI)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return str(Path(database).expanduser())
+
+
 def _sqlite_engine(url: str) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -108,7 +199,8 @@ def _sqlite_engine(url: str) -> Engine:
     # Writers of this process queue on a Python lock: SQLite's busy handler, which is left to
     # arbitrate between processes, waits by sleeping (up to 100 ms a turn), so threads that
     # contend through it lose far more time than the writes themselves take.
-    writer = _WRITERS[engine] = threading.RLock()
+    writers = _WRITERS[engine] = _Writers(_database_file(database))
+    writer = writers.lock
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -141,6 +233,8 @@ def _sqlite_engine(url: str) -> Engine:
     def _commit_then_release(dbapi_connection: Any) -> None:
         try:
             commit(dbapi_connection)
+            if dbapi_connection.info.get(_HOLDS_WRITER):
+                writers.committed()
         finally:
             _release_writer(dbapi_connection)
 
@@ -231,22 +325,24 @@ def write_transaction(engine: Engine) -> Iterator[Connection | DriverConnection]
         with engine.begin() as conn:
             yield conn
         return
-    writer = _WRITERS.get(engine)
+    writers = _WRITERS.get(engine)
     conn = DriverConnection(engine)
-    if writer is not None:
-        writer.acquire()
+    if writers is not None:
+        writers.lock.acquire()
     try:
-        if writer is not None:
+        if writers is not None:
             _driver_sql(conn, "BEGIN IMMEDIATE")  # as _on_begin, without a Connection
         yield conn
         with driver_cursor(conn, "COMMIT"):
             conn.connection.dbapi_connection.commit()
+        if writers is not None:
+            writers.committed()
     except BaseException:
         _rollback(conn)
         raise
     finally:
-        if writer is not None:
-            writer.release()
+        if writers is not None:
+            writers.lock.release()
         conn.connection.close()  # back to the pool (a lost one is discarded)
 
 

@@ -123,36 +123,3 @@ def _tx_row(tracker, uuid: str):
     with tracker.engine.connect() as conn:
         return conn.execute(sa.select(TX).where(TX.c.uuid == uuid)).one()
 
-
-def test_threads_of_one_process_never_meet_sqlites_busy_handler(tmp_path):
-    """The writers of a process queue on its writer lock, released only once the driver's
-    COMMIT is done. Before, SQLAlchemy's commit event released it before the COMMIT ran, so
-    the next writer's BEGIN IMMEDIATE met a commit in progress: SQLite's busy handler slept
-    (a third of four threads' transactions, 4x their throughput lost). Without a busy timeout
-    any such meeting is an error."""
-    from tracking import connect
-
-    engine = connect(f"sqlite:///{tmp_path}/writers.db")
-    sa.event.listen(engine, "connect",
-                    lambda dbapi_connection, _: dbapi_connection.execute("PRAGMA busy_timeout=0"))
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-    errors: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            for _ in range(300):
-                with engine.begin() as conn:
-                    conn.exec_driver_sql("INSERT INTO t (v) VALUES ('x')")
-        except BaseException as exc:  # "database is locked": met a commit in progress
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert errors == []
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1200
-    engine.dispose()
