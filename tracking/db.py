@@ -21,7 +21,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,9 +53,13 @@ class _Checkpointer:
     checkpoint stays as a backstop, for a WAL that grows faster than this thread copies it.
 
     The thread starts with a commit and ends after ``IDLE_SECONDS`` without one (the next
-    commit starts it again): a process that has stopped writing keeps no thread and no
-    connection. ``writer`` is the process's writer lock for the database: a commit wakes
-    the thread holding it, and the thread decides to end holding it, so no commit is missed.
+    commit starts it again), or when the engine is disposed (``stop``). Each checkpoint has a
+    connection of its own, closed right after: between checkpoints the thread holds none,
+    so the last connection to close is still one of the engine's, and SQLite then copies
+    the rest of the WAL and removes it, as without this thread (a copy of the database
+    file made after ``engine.dispose()`` has everything). ``writer`` is the process's writer
+    lock: a commit wakes the thread holding it, and the thread decides to end holding it,
+    so no commit is missed.
     """
 
     IDLE_SECONDS = 2.0
@@ -66,6 +69,7 @@ class _Checkpointer:
         self._path, self._writer = path, writer
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._pid = 0  # the process that started the thread (a forked child has none)
         self._failed = False
 
@@ -76,36 +80,51 @@ class _Checkpointer:
         if not self._wake.is_set():
             self._wake.set()
         if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, daemon=True,
+            self._pid, self._stop = os.getpid(), threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
                                             name=f"tracking-checkpoint {Path(self._path).name}")
             self._thread.start()
 
-    def _run(self) -> None:
-        connection = None
+    def stop(self) -> None:
+        """End the thread and wait for it (its checkpoint in progress ends first)."""
+        with self._writer:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+            self._wake.set()  # it may be waiting for a commit
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def _run(self, stop: threading.Event) -> None:
         try:
-            connection = sqlite3.connect(self._path, isolation_level=None,
-                                         check_same_thread=False)
-            # The checkpoint syncs as the writers' transactions do.
-            connection.execute("PRAGMA synchronous=NORMAL")
-            while self._wake.wait(self.IDLE_SECONDS) or not self._ended():
+            while not stop.is_set():
+                if not self._wake.wait(self.IDLE_SECONDS) and self._ended():
+                    return
+                if stop.is_set():
+                    return
                 self._wake.clear()
-                # PASSIVE: as much as no reader or writer is holding up, never waiting.
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                time.sleep(self.PAUSE_SECONDS)
+                self._checkpoint()
+                stop.wait(self.PAUSE_SECONDS)
         except sqlite3.Error as exc:  # the writers' own checkpoint takes over, for good
             log.warning("background checkpoints of %s stopped: %s", self._path, exc)
             self._failed = True
+
+    def _checkpoint(self) -> None:
+        connection = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            # The checkpoint syncs as the writers' transactions do.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            # PASSIVE: as much as no reader or writer holds up, never waiting for one.
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         finally:
-            if connection is not None:
-                connection.close()
+            connection.close()
 
     def _ended(self) -> bool:
         """Idle: end, unless a commit came meanwhile."""
         with self._writer:
             if self._wake.is_set():
                 return False
-            self._thread = None
+            if self._thread is threading.current_thread():
+                self._thread = None
             return True
 
 
@@ -120,6 +139,10 @@ class _Writers:
     def committed(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.committed()
+
+    def disposed(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
 
 
 # Each SQLite engine's writers in this process (see _sqlite_engine).
@@ -240,6 +263,7 @@ def _sqlite_engine(url: str) -> Engine:
 
     engine.dialect.do_commit = _commit_then_release  # type: ignore[method-assign]
     sa.event.listen(engine, "rollback", _release_writer)
+    sa.event.listen(engine, "engine_disposed", lambda _engine: writers.disposed())
     return engine
 
 

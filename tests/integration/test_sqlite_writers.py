@@ -116,3 +116,26 @@ def test_a_database_in_memory_has_no_checkpoint_thread(url):
     assert not any(t.name.endswith(" :memory:") or t.name == "tracking-checkpoint "
                    for t in _checkpoint_threads())
     engine.dispose()
+
+
+def test_a_disposed_engine_leaves_its_whole_database_in_the_file(tmp_path):
+    """``engine.dispose()`` ends the checkpoint thread first: the engine's connections are
+    then the last to close, and SQLite copies the rest of the WAL into the file and removes
+    it, so a copy of the file alone has every commit (the test suite copies a migrated
+    template file: with a thread that kept a connection open, the copy had no schema)."""
+    path = tmp_path / "disposed.db"
+    engine = _engine_with_table(path)
+    for i in range(50):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", (str(i),))
+    started = time.monotonic()
+    engine.dispose()
+    assert time.monotonic() - started < 1.5  # not left waiting for the thread's idle end
+    assert not any(t.name == "tracking-checkpoint disposed.db" for t in _checkpoint_threads())
+    assert not Path(f"{path}-wal").exists()
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(path.read_bytes())
+    reader = connect(f"sqlite:///{copy}")
+    with reader.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 50
+    reader.dispose()
