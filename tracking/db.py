@@ -109,7 +109,9 @@ class _Checkpointer:
             self._failed = True
 
     def _checkpoint(self) -> None:
-        connection = sqlite3.connect(self._path, isolation_level=None)
+        # mode=rw: a database file removed meanwhile is not made again, empty.
+        connection = sqlite3.connect(f"{Path(self._path).absolute().as_uri()}?mode=rw",
+                                     uri=True, isolation_level=None)
         try:
             # The checkpoint syncs as the writers' transactions do.
             connection.execute("PRAGMA synchronous=NORMAL")

@@ -139,3 +139,13 @@ def test_a_disposed_engine_leaves_its_whole_database_in_the_file(tmp_path):
     with reader.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 50
     reader.dispose()
+
+
+def test_a_database_file_removed_under_the_thread_is_not_made_again(tmp_path, caplog):
+    path = tmp_path / "gone.db"
+    engine = _engine_with_table(path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    tracking.db._WRITERS[engine].checkpointer.committed()  # as a late commit would
+    assert _wait_for(lambda: "background checkpoints" in caplog.text)
+    assert not path.exists()
