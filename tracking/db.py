@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import weakref
@@ -70,7 +69,6 @@ class _Checkpointer:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pid = 0  # the process that started the thread (a forked child has none)
         self._failed = False
 
     def committed(self) -> None:
@@ -79,8 +77,10 @@ class _Checkpointer:
             return
         if not self._wake.is_set():
             self._wake.set()
-        if self._thread is None or self._pid != os.getpid():
-            self._pid, self._stop = os.getpid(), threading.Event()
+        # Not alive: it died of an unexpected error, or this is a forked child (threads of
+        # the parent are not alive here).
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
                                             name=f"tracking-checkpoint {Path(self._path).name}")
             self._thread.start()
@@ -197,9 +197,9 @@ def _database_file(database: str | None) -> str | None:
 
 
 def _sqlite_engine(url: str) -> Engine:
-    database = make_url(url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = _database_file(make_url(url).database)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     )
@@ -224,7 +224,7 @@ def _sqlite_engine(url: str) -> Engine:
     # Writers of this process queue on a Python lock: SQLite's busy handler, which is left to
     # arbitrate between processes, waits by sleeping (up to 100 ms a turn), so threads that
     # contend through it lose far more time than the writes themselves take.
-    writers = _WRITERS[engine] = _Writers(_database_file(database))
+    writers = _WRITERS[engine] = _Writers(path)
     writer = writers.lock
 
     @sa.event.listens_for(engine, "begin")

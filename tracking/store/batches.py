@@ -209,9 +209,9 @@ class RecordedAttempt(NamedTuple):
 
 class Recorded(NamedTuple):
     """What ``apply_many`` wrote: each stage's row as read and the values written to it
-    (or a ``LeaseLost``). ``stages()`` builds the recorded stages, ``attempts()`` says
-    briefly what was recorded: after the commit, so that the writer's lock is not held
-    meanwhile."""
+    (or a ``LeaseLost``). ``stages()`` builds the recorded stages (from whole rows: not
+    after ``apply_many(brief=True)``), ``attempts()`` says briefly what was recorded: after
+    the commit, so that the writer's lock is not held meanwhile."""
 
     keys: tuple[str, ...]
     entries: list[tuple[Row[Any], tuple[Any, ...]] | LeaseLost]
