@@ -133,10 +133,15 @@ def test_a_stage_claimed_by_another_run_is_not_written(tracker, clock):
     [{"uuid": "u", "platform": "A", "stage": "validate", "result": 0}],
     "not a list",
 ])
-def test_entries_that_are_not_completions_are_refused_with_a_clear_error(tracker, entries):
-    """Before: an AttributeError (``'tuple' object has no attribute 'result'``)."""
-    with pytest.raises(TypeError, match="Completion entries"):
-        tracker.complete_many(entries, owner="run-1")
+@pytest.mark.parametrize("method", ["complete_many", "complete_batch"])
+def test_entries_that_are_not_completions_are_refused_with_a_clear_error(
+        tracker, entries, method):
+    """Before: an AttributeError (``'tuple' object has no attribute 'result'``). The error
+    names the method called."""
+    with pytest.raises(TypeError, match=f"{method} takes .*Completion entries"):
+        getattr(tracker, method)(entries, owner="run-1")
+    with pytest.raises(ValueError, match="owner"):
+        getattr(tracker, method)([], owner="")
 
 
 def test_complete_batch_records_the_same_and_answers_each_attempt_briefly(engine, clock):

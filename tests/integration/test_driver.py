@@ -122,4 +122,3 @@ def test_a_lost_postgresql_connection_is_invalidated_and_the_next_write_works(
 def _tx_row(tracker, uuid: str):
     with tracker.engine.connect() as conn:
         return conn.execute(sa.select(TX).where(TX.c.uuid == uuid)).one()
-

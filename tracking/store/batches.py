@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -20,8 +20,8 @@ from tracking.outcomes import ExecutionResult, Outcome
 from tracking.states import StageFacts, Transition, decide
 from tracking.store.driver import execute_many
 from tracking.store.sql import (
+    CANCEL_REST,
     INSERT_EVENTS,
-    RUNNABLE,
     STAGE,
     TX,
     UPDATE_TX,
@@ -33,6 +33,8 @@ from tracking.store.sql import (
     tx_changes,
 )
 from tracking.store.transitions import find_stage, lease_lost
+
+T = TypeVar("T")
 
 # The stages recorded are locked and read by name, less the columns every result
 # overwrites (fewer values to convert, which is most of a batch's time), with the id of
@@ -89,15 +91,6 @@ _UNLOCK = {"next_attempt_at": sa.bindparam("v_now"), "updated_at": sa.bindparam(
 _PENDING = STAGE.c.state == StageState.PENDING
 _UNLOCK_STAGES = sa.update(STAGE).where(_BY_ID, _PENDING).values(_UNLOCK)
 _UNLOCK_STAGES_IN = sa.update(STAGE).where(_BY_IDS, _PENDING).values(_UNLOCK)
-# The other stages of a rejected transaction still to run (the earlier ones are done).
-_CANCEL_REST = (
-    sa.update(STAGE)
-    .where(STAGE.c.uuid == sa.bindparam("b_uuid"), STAGE.c.id != sa.bindparam("b_id"),
-           RUNNABLE)
-    .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=sa.bindparam("v_now"),
-            finished_at=sa.bindparam("v_now"),
-            error_description="cancelled: an earlier stage was rejected")
-)
 
 class Completion(NamedTuple):
     """One attempt's result for ``Tracker.complete_many`` (a named tuple: a batch makes
@@ -187,7 +180,7 @@ def apply_many(
     execute_grouped(conn, _UPDATE_STAGES, _UPDATE_STAGES_IN, "b_id", names, stage_writes)
     execute_grouped(conn, _UNLOCK_STAGES, _UNLOCK_STAGES_IN, "b_id", ["v_now"],
                     {(now,): unlock} if unlock else {})
-    execute_many(conn, _CANCEL_REST, cancel)
+    execute_many(conn, CANCEL_REST, cancel)
     for columns, groups in tx_writes.items():
         execute_grouped(conn, UPDATE_TX, UPDATE_TXS, "b_uuid", list(columns), groups)
     execute_many(conn, INSERT_EVENTS, events)
@@ -220,28 +213,21 @@ class Recorded(NamedTuple):
         if not self.entries:
             return []
         uuid_i, platform_i, stage_i = (self.keys.index(k) for k in ("uuid", "platform", "stage"))
-        out: list[RecordedAttempt | LeaseLost] = []
-        for entry in self.entries:
-            if isinstance(entry, LeaseLost):
-                out.append(entry)
-                continue
-            row, values = entry
-            out.append(RecordedAttempt(
-                row[uuid_i], row[platform_i], row[stage_i], values[_STATE_I], values[_ATTEMPT_I],
-                values[_CODE_I], values[_DESCRIPTION_I]))
-        return out
+        return self._each(lambda row, values: RecordedAttempt(
+            row[uuid_i], row[platform_i], row[stage_i], values[_STATE_I], values[_ATTEMPT_I],
+            values[_CODE_I], values[_DESCRIPTION_I]))
 
     def stages(self) -> list[TxStage | LeaseLost]:
-        out: list[TxStage | LeaseLost] = []
-        for entry in self.entries:
-            if isinstance(entry, LeaseLost):
-                out.append(entry)
-                continue
-            row, values = entry
-            stage = dict(zip(self.keys, row, strict=False))
-            stage.update(zip(_STAGE_COLUMNS, values, strict=True))
-            out.append(from_row(TxStage, stage))
-        return out
+        def stage(row: Row[Any], values: tuple[Any, ...]) -> TxStage:
+            columns = dict(zip(self.keys, row, strict=False))
+            columns.update(zip(_STAGE_COLUMNS, values, strict=True))
+            return from_row(TxStage, columns)
+
+        return self._each(stage)
+
+    def _each(self, build: Callable[[Row[Any], tuple[Any, ...]], T]) -> list[T | LeaseLost]:
+        """``build(row, values)`` of each stage written; a ``LeaseLost`` as it is."""
+        return [e if isinstance(e, LeaseLost) else build(*e) for e in self.entries]
 
 
 class _Decisions:

@@ -105,6 +105,15 @@ RUNNABLE = sa.or_(*(STAGE.c.state == state for state in sorted(RUNNABLE_STAGE_ST
 # Parameters the claim and lease statements share (they are built once, with these bound).
 PROCESS, PLATFORM, OWNER = (sa.bindparam(n) for n in ("b_process", "b_platform", "b_owner"))
 NOW = sa.bindparam("b_now", type_=STAGE.c.updated_at.type)
+# The other stages of a rejected transaction still to run (the earlier ones are done).
+CANCEL_REST = (
+    sa.update(STAGE)
+    .where(STAGE.c.uuid == sa.bindparam("b_uuid"), STAGE.c.id != sa.bindparam("b_id"),
+           RUNNABLE)
+    .values(state=StageState.CANCELLED, next_attempt_at=None, updated_at=sa.bindparam("v_now"),
+            finished_at=sa.bindparam("v_now"),
+            error_description="cancelled: an earlier stage was rejected")
+)
 
 
 def execute_grouped(conn: Connection, one: Any, many: Any, key: str, names: Sequence[str],

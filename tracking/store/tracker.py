@@ -386,7 +386,9 @@ class Tracker:
 
     def _complete_many(self, completions: Sequence[Completion], owner: str,
                        flow_run_id: str | None, brief: bool = False) -> batches.Recorded:
-        owner, completions = check_owner(owner), _checked_completions(completions)
+        completions = _checked_completions(
+            completions, "complete_batch" if brief else "complete_many")
+        owner = check_owner(owner)
         if not completions:
             return batches.Recorded((), [])
         with self.engine.begin() as conn:
@@ -412,7 +414,7 @@ class Tracker:
         stage do not belong in one call (the platform is called between them).
         """
         owner, lease_seconds = check_owner(owner), check_seconds(lease_seconds)
-        completions = _checked_completions(completions)
+        completions = _checked_completions(completions, "record_attempts")
         if isinstance(starts, str | bytes) or not all(isinstance(s, Start) for s in starts):
             raise TypeError("record_attempts takes a list of tracking.store.Start entries, "
                             f"got {type(starts).__name__} holding other values")
@@ -521,11 +523,11 @@ class Tracker:
         return reads.get_transaction(self.engine, uuid)
 
 
-def _checked_completions(completions: Any) -> list[Completion]:
+def _checked_completions(completions: Any, method: str) -> list[Completion]:
     if isinstance(completions, str | bytes) or not all(
         isinstance(c, Completion) for c in completions
     ):
-        raise TypeError("complete_many takes a list of tracking.store.Completion entries, "
+        raise TypeError(f"{method} takes a list of tracking.store.Completion entries, "
                         f"got {type(completions).__name__} holding other values")
     return [
         c if isinstance(c.result, ExecutionResult)

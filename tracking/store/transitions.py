@@ -31,6 +31,7 @@ from tracking.states import (
 from tracking.store.catalog import current_policies
 from tracking.store.driver import Conn, Record, execute
 from tracking.store.sql import (
+    CANCEL_REST,
     INSERT_EVENT,
     INSERT_EVENTS,
     RESERVED,
@@ -46,11 +47,6 @@ from tracking.store.sql import (
 )
 
 _UPDATE_STAGE_FENCED = UPDATE_STAGE.where(STAGE.c.state == sa.bindparam("b_state"))
-_CANCEL_OTHER_STAGES = sa.update(STAGE).where(
-    STAGE.c.uuid == sa.bindparam("b_uuid"),
-    STAGE.c.id != sa.bindparam("b_id"),
-    RUNNABLE,
-)
 
 
 def find_stage(stages: list[Record], uuid: str, platform: str, stage: str | None) -> Record:
@@ -142,19 +138,7 @@ def apply(
         execute(conn, UPDATE_STAGE, {"b_id": later[0].id, "next_attempt_at": now,
                                      "updated_at": now})
     if t.cancel_rest:
-        execute(
-            conn,
-            _CANCEL_OTHER_STAGES,
-            {
-                "b_uuid": row.uuid,
-                "b_id": row.id,
-                "state": StageState.CANCELLED,
-                "next_attempt_at": None,
-                "updated_at": now,
-                "finished_at": now,
-                "error_description": "cancelled: an earlier stage was rejected",
-            },
-        )
+        execute(conn, CANCEL_REST, {"b_uuid": row.uuid, "b_id": row.id, "v_now": now})
     # The rows are locked; the state condition only guards against a bypassed lock.
     if execute(conn, _UPDATE_STAGE_FENCED, {"b_id": row.id, "b_state": from_state, **changes}
                ) != 1:
