@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import random
 import uuid as uuid_lib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 
 import pytest
 import sqlalchemy as sa
@@ -495,6 +497,12 @@ def test_a_stage_keeps_the_retry_policy_it_was_created_under(engine, clock):
         seconds=100)
 
 
+def _containing_itself() -> list:
+    value: list = [1]
+    value.append(value)
+    return value
+
+
 def _nested(depth: int) -> list:
     value: list = [1]
     for _ in range(depth):
@@ -509,6 +517,16 @@ def _nested(depth: int) -> list:
         ({"request_id": "FE-1", "k\x00": 1}, "payload keys must not contain NUL"),
         ({"request_id": "FE-1", "x": float("nan")}, "payload numbers must be finite"),
         ({"request_id": "FE-1", "deep": _nested(40)}, "payload is nested deeper than 32 levels"),
+        ({"request_id": "FE-1", "own": _containing_itself()},
+         "payload is nested deeper than 32 levels"),
+        ({"request_id": "FE-1", "é": ["x\ud800"]}, "payload strings must be valid Unicode"),
+        ({"request_id": "FE-1", "k\udfff": 1}, "payload keys must be valid Unicode"),
+        ({"request_id": "FE-1", "tags": {"a"}},
+         "payload is not JSON-serialisable: a value of type set"),
+        ({"request_id": "FE-1", "at": datetime(2026, 1, 1, tzinfo=UTC)},
+         "payload is not JSON-serialisable: a value of type datetime"),
+        ({"request_id": "FE-1", "m": MappingProxyType({"a": 1})},
+         "payload is not JSON-serialisable: a value of type mappingproxy"),
     ],
 )
 def test_payloads_the_databases_cannot_store_are_refused_by_the_store(tracker, payload, message):
@@ -520,3 +538,23 @@ def test_payloads_the_databases_cannot_store_are_refused_by_the_store(tracker, p
         tracker.start_many("CANCELLATION", [{"request_id": "ok"}, payload])
     with tracker.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM tx_process")).scalar_one() == 0
+
+
+class _Colour(enum.StrEnum):
+    RED = "red"
+
+
+class _Size(enum.IntEnum):
+    BIG = 3
+
+
+def test_json_values_of_subclassed_types_are_taken_in_as_json(tracker):
+    """The store's check takes what JSON can hold, subclasses included (an enum of str or
+    int, a tuple), and a read-only mapping as the payload itself."""
+    payload = MappingProxyType({"request_id": "FE-1", "colour": _Colour.RED, "size": _Size.BIG,
+                                "pair": (1, "two"), "ok": True, "none": None})
+    uuid, is_new = tracker.start_or_resume("CANCELLATION", payload)
+    assert is_new
+    assert tracker.get_transaction(uuid).payload == {
+        "request_id": "FE-1", "colour": "red", "size": 3, "pair": [1, "two"], "ok": True,
+        "none": None}

@@ -56,3 +56,20 @@ def test_custom_refuses_a_non_string_key_and_accepts_a_real_one():
 
 def test_payload_hash_has_no_key_to_be_blank():
     assert PayloadHash().business_key({"request_id": ""})  # the whole payload is the key
+
+
+def test_fingerprints_stay_what_earlier_versions_stored():
+    """Deduplication compares new fingerprints with stored ones: the canonical JSON they
+    hash (sorted keys, no spaces, ASCII escapes) must never change."""
+    import hashlib
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    assert KeyFields("request_id").fingerprint({"request_id": "FE-1", "x": 1}) == sha('["FE-1"]')
+    assert KeyFields("b", "a").fingerprint({"a": 2, "b": "é"}) == sha('["\\u00e9",2]')
+    payload = {"b": [1.5, None, True], "a": {"z": "x", "y": 0}}
+    assert PayloadHash().fingerprint(payload) == sha(
+        '{"a":{"y":0,"z":"x"},"b":[1.5,null,true]}')
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        PayloadHash().fingerprint({"a": float("nan")})

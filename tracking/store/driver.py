@@ -178,6 +178,9 @@ def execute_many(conn: Conn, statement: Any, rows: Sequence[Mapping[str, Any]]) 
     if not rows:
         return
     f = form(statement, conn.dialect, tuple(rows[0]), many=True)
+    if len(rows) == 1:  # one item's intake or record: no distinct values to share
+        _run(conn, f.sql, [bind(f, rows[0])], many=True, fetch=False)
+        return
     # A column at a time: each row's values in order, then each typed column converted.
     columns = [[row[name] for row in rows] if given is _FROM_ROW else [given] * len(rows)
                for name, given, _ in f.params]
