@@ -179,7 +179,8 @@ def execute_many(conn: Conn, statement: Any, rows: Sequence[Mapping[str, Any]]) 
         return
     f = form(statement, conn.dialect, tuple(rows[0]), many=True)
     if len(rows) == 1:  # one item's intake or record: no distinct values to share
-        _run(conn, f.sql, [bind(f, rows[0])], many=True, fetch=False)
+        values = bind(f, rows[0])
+        _run(conn, f.sql, [tuple(values) if f.positional else values], many=True, fetch=False)
         return
     # A column at a time: each row's values in order, then each typed column converted.
     columns = [[row[name] for row in rows] if given is _FROM_ROW else [given] * len(rows)
