@@ -69,8 +69,8 @@ from tracking import (  # noqa: E402
     Tracker,
     connect,
 )
-from tracking.db import SQLITE_CACHE_KIB, SQLITE_WAL_CHECKPOINT_PAGES  # noqa: E402
 from tracking.memory import rarer_young_collections  # noqa: E402
+from tracking.sqlite import SQLITE_CACHE_KIB, SQLITE_WAL_CHECKPOINT_PAGES  # noqa: E402
 
 RPA_REQUIREMENT = "rpa-tracker==0.0.18"
 RPA_VENV = ROOT / "build" / "bench-venv-rpa-tracker"
@@ -82,7 +82,7 @@ TARGET_N = 10_000
 CHUNK = 1000
 # The code the speed issue was filed against (2026-11-23): "now" in "3x faster than now".
 ISSUE_BASELINE = "4dbeea5"
-#: The SQLite settings of ``tracking.db`` that matter to a single writer, given to rpa-tracker
+#: The SQLite settings of ``tracking.sqlite`` that matter to a single writer, given to rpa-tracker
 #: too, so that the comparison is of the libraries, not of fsync per commit. rpa-tracker is
 #: also measured as shipped (SQLite's defaults), as the issue measured it.
 PROJECT_PRAGMAS = ["journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{SQLITE_CACHE_KIB}",

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests.conftest import FakeClock, cancellation_process
 from tracking import ExecutionResult, Reports, Tracker, TxProcess
-from tracking.db import read_only
+from tracking.connections import read_only
 
 process = cancellation_process()
 P = process.code

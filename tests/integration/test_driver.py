@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from tests.integration.test_queries import count_statements
 from tracking import ExecutionResult
-from tracking.db import write_transaction
+from tracking.connections import write_transaction
 from tracking.models import EventKind, StageState, TxState
 from tracking.store.driver import execute, fetch
 from tracking.store.sql import EVENT, INSERT_EVENTS, LOCK_STAGES, LOCK_TX, TX

@@ -71,7 +71,7 @@ from tracking import (
     connect,
 )
 from tracking import policy as policy_module
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.models import (
     EventKind,
     TxEvent,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import tracking.db
+import tracking.sqlite
 from tracking import connect
-from tracking.db import write_transaction
+from tracking.connections import WRITERS, read_only, write_transaction
 
 
 def _checkpoint_threads() -> list[threading.Thread]:
@@ -73,7 +73,7 @@ def test_the_wal_is_copied_back_by_a_background_thread_not_by_the_writers(tmp_pa
     fsyncs and the copy: 70-100 ms on a small machine) and held up that writer and every
     writer queued behind it. With the writers' own checkpoint out of reach, the database
     file still receives what they committed."""
-    monkeypatch.setattr(tracking.db, "SQLITE_WAL_CHECKPOINT_PAGES", 10_000_000)
+    monkeypatch.setattr(tracking.sqlite, "SQLITE_WAL_CHECKPOINT_PAGES", 10_000_000)
     path = tmp_path / "wal.db"
     engine = _engine_with_table(path)
     size = path.stat().st_size
@@ -92,7 +92,7 @@ def test_the_wal_is_copied_back_by_a_background_thread_not_by_the_writers(tmp_pa
 
 def test_the_checkpoint_thread_ends_when_idle_and_comes_back_with_a_commit(
         tmp_path, monkeypatch):
-    monkeypatch.setattr(tracking.db._Checkpointer, "IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(tracking.sqlite.Checkpointer, "IDLE_SECONDS", 0.2)
     engine = _engine_with_table(tmp_path / "idle.db")
     name = "tracking-checkpoint idle.db"
     assert any(t.name == name for t in _checkpoint_threads())
@@ -102,7 +102,7 @@ def test_the_checkpoint_thread_ends_when_idle_and_comes_back_with_a_commit(
     assert any(t.name == name for t in _checkpoint_threads())
     # Reads commit too, but write nothing: no thread for them.
     assert _wait_for(lambda: not any(t.name == name for t in _checkpoint_threads()))
-    with tracking.db.read_only(engine) as conn:
+    with read_only(engine) as conn:
         conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one()
     assert not any(t.name == name for t in _checkpoint_threads())
     engine.dispose()
@@ -146,6 +146,6 @@ def test_a_database_file_removed_under_the_thread_is_not_made_again(tmp_path, ca
     engine = _engine_with_table(path)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    tracking.db._WRITERS[engine].checkpointer.committed()  # as a late commit would
+    WRITERS[engine].checkpointer.committed()  # as a late commit would
     assert _wait_for(lambda: "background checkpoints" in caplog.text)
     assert not path.exists()

@@ -25,7 +25,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 
 from tracking.api.errors import validation_error
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.models import TxProcess
 from tracking.schedule import Item, Schedule
 from tracking.store import Intake, Tracker

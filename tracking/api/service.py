@@ -31,7 +31,7 @@ from tracking.api.schemas import (
     encode_cursor,
     is_uuid,
 )
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.errors import TransactionNotFound, UnknownProcessError
 from tracking.models import TxProcess, TxState
 from tracking.reports import Reports, report_window

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.errors import UnknownProcessError
 from tracking.models import (
     EventKind,

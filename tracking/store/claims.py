@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tracking.db import read_only, write_transaction
+from tracking.connections import read_only, write_transaction
 from tracking.errors import LeaseLost
 from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
 from tracking.store.driver import Conn, execute, fetch

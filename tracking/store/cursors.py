@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.models import TxEventCursor, TxOverdueSent
 from tracking.store.sql import insert_for
 

@@ -6,10 +6,10 @@ it (an execution context, its events, a result object): more than SQLite takes t
 row, and most of a one-item write. Here a statement is compiled once per dialect and set of
 parameter names; a call converts the values with the columns' own types, as SQLAlchemy
 would, and hands them to the cursor. The driver's errors leave as SQLAlchemy's
-(``tracking.db.driver_error``), so callers and outage handling see no difference; an engine
+(``tracking.connections.driver_error``), so callers and outage handling see no difference; an engine
 whose statements are watched (cursor events, echo) gets them through SQLAlchemy as before.
 ``conn`` is a ``Connection`` or, for a path that runs nothing else, the connection of
-``tracking.db.write_transaction`` (no ``Connection`` at all).
+``tracking.connections.write_transaction`` (no ``Connection`` at all).
 
 A statement given here binds every value as one parameter: no expanding ``IN`` (use
 ``sql.any_of``), and an INSERT names every column that has a Python-side default.
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tracking.db import DriverConnection, close_cursor, driver_error
+from tracking.connections import DriverConnection, close_cursor, driver_error
 
 Processor = Callable[[Any], Any] | None
 # A Connection, or a write_transaction's connection (only used when nobody watches).

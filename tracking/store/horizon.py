@@ -23,7 +23,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.store.sql import EVENT
 
 SETTLE_SECONDS = 5.0  # how long to wait for PostgreSQL writers in flight before the barrier

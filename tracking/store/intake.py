@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from tracking.catalog import Process
-from tracking.db import write_transaction
+from tracking.connections import write_transaction
 from tracking.models import EventKind, StageState, TxState
 from tracking.payloads import validate_payload, validate_source
 from tracking.schedule import Item, Schedule

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.models import EventKind, StageState
 from tracking.states import released_state
 from tracking.store.driver import execute, fetch

@@ -46,7 +46,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.errors import TrackingError
 from tracking.models import TxState, UTCDateTime, utcnow
 from tracking.states import FINAL_TX_STATES, in_order

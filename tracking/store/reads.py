@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import selectinload
 from sqlmodel import Session, select
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.errors import TransactionNotFound
 from tracking.models import StageState, TxProcess, TxStage, TxState
 from tracking.store.sql import CHUNK, STAGE, TX, check_uuid

@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tracking.db import read_only
+from tracking.connections import read_only
 from tracking.errors import TrackingError
 from tracking.models import CatalogProcess, StageState, TxPurge, TxPurging, TxState
 from tracking.states import FINAL_TX_STATES, in_order

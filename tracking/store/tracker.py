@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from tracking.catalog import Platform, Process
-from tracking.db import write_transaction
+from tracking.connections import write_transaction
 from tracking.errors import LeaseLost, UnknownProcessError
 from tracking.memory import rarer_young_collections
 from tracking.models import EventKind, TxProcess, TxStage, TxState, utcnow
