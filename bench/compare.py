@@ -260,7 +260,31 @@ def hourly_run(tracker: Tracker, owner: str, batched: bool,
     # As the resume flow runs its batches: young objects collected less often, so that the
     # run's short-lived objects do not bring on full collections (tracking.memory).
     with rarer_young_collections():
-        _each_platform(tracker, owner, batched, index_of, claim, start, record, attempts)
+        for code, *_ in w.PLATFORMS:
+            count = 0
+            # A resume run reserves (``Tracker.reserve``: what a platform call needs) and, for a
+            # batch of an idempotent platform, starts its attempts with the claim; one by one
+            # claims whole stages, as a worker of the per-stage API would.
+            find = functools.partial(tracker.reserve, start=True) if batched else tracker.claim
+            while batch := claim.call(find, w.PROCESS, code, owner=owner, limit=CLAIM_LIMIT):
+                completions = []
+                for s in batch:
+                    attempt = s.attempt if batched else start.call(
+                        tracker.start_attempt, s.uuid, code, s.stage, owner=owner)
+                    error_code = w.outcome(index_of[s.uuid], code, attempt)
+                    result = ExecutionResult(error_code, w.description(error_code))
+                    if batched:
+                        completions.append(Completion(s.uuid, code, s.stage, result))
+                    else:
+                        record.call(tracker.complete_stage, s.uuid, code, result, stage=s.stage,
+                                    owner=owner)
+                if completions:
+                    done = record.call(tracker.complete_batch, completions, owner=owner)
+                    lost = [d for d in done if isinstance(d, LeaseLost)]
+                    if lost:
+                        raise SystemExit(f"complete_batch lost {len(lost)} leases: {lost[0]}")
+                count += len(batch)
+            attempts[code] = count
     return {
         "seconds": time.perf_counter() - began,
         "find_seconds": sum(claim.latencies),
@@ -270,35 +294,6 @@ def hourly_run(tracker: Tracker, owner: str, batched: bool,
         "attempts": sum(attempts.values()),
         "attempts_by_platform": attempts,
     }
-
-
-def _each_platform(tracker: Tracker, owner: str, batched: bool, index_of: dict[str, int],
-                   claim: Timed, start: Timed, record: Timed, attempts: dict[str, int]) -> None:
-    for code, *_ in w.PLATFORMS:
-        count = 0
-        # A resume run reserves (``Tracker.reserve``: what a platform call needs) and, for a
-        # batch of an idempotent platform, starts its attempts with the claim; one by one
-        # claims whole stages, as a worker of the per-stage API would.
-        find = functools.partial(tracker.reserve, start=True) if batched else tracker.claim
-        while batch := claim.call(find, w.PROCESS, code, owner=owner, limit=CLAIM_LIMIT):
-            completions = []
-            for s in batch:
-                attempt = (s.attempt if batched else
-                           start.call(tracker.start_attempt, s.uuid, code, s.stage, owner=owner))
-                error_code = w.outcome(index_of[s.uuid], code, attempt)
-                result = ExecutionResult(error_code, w.description(error_code))
-                if batched:
-                    completions.append(Completion(s.uuid, code, s.stage, result))
-                else:
-                    record.call(tracker.complete_stage, s.uuid, code, result, stage=s.stage,
-                                owner=owner)
-            if completions:
-                done = record.call(tracker.complete_batch, completions, owner=owner)
-                lost = [d for d in done if isinstance(d, LeaseLost)]
-                if lost:
-                    raise SystemExit(f"complete_batch lost {len(lost)} leases: {lost[0]}")
-            count += len(batch)
-        attempts[code] = count
 
 
 def run_tracking(n: int, batched: bool, workdir: Path,

@@ -5,7 +5,7 @@
   copied back every ~40 MiB, foreign keys on.
 * A write transaction starts with ``BEGIN IMMEDIATE`` (it takes the write lock up front,
   so two writers never deadlock upgrading a read lock); reads start with a plain ``BEGIN``.
-* The writers of one process queue on a lock of their own (``Writers``), released once the
+* The writers of one process queue on a lock of their own (``SQLiteWriters``), released once the
   driver's COMMIT is done.
 * A background thread copies the WAL back into the database file while they write
   (``Checkpointer``).
@@ -120,7 +120,7 @@ class Checkpointer:
             return True
 
 
-class Writers:
+class SQLiteWriters:
     """A SQLite engine's writers in this process: the lock they queue on and, for a database
     file, the checkpointer that copies what they write back into it."""
 
@@ -173,7 +173,7 @@ def sqlite_engine(url: str) -> Engine:
     # Writers of this process queue on a Python lock: SQLite's busy handler, which is left to
     # arbitrate between processes, waits by sleeping (up to 100 ms a turn), so threads that
     # contend through it lose far more time than the writes themselves take.
-    writers = WRITERS[engine] = Writers(path)
+    writers = WRITERS[engine] = SQLiteWriters(path)
     writer = writers.lock
 
     @sa.event.listens_for(engine, "begin")

@@ -95,13 +95,14 @@ def form(statement: Any, dialect: sa.Dialect, keys: tuple[str, ...], many: bool 
 
 
 def bind(f: Form, values: Mapping[str, Any]) -> Any:
-    """The driver's parameters of one call."""
+    """The driver's parameters of one call: a tuple, or a dict for a dialect of named
+    parameters (what both the driver and ``exec_driver_sql`` take)."""
     out = [values[name] if given is _FROM_ROW else given for name, given, _ in f.params]
     for i, process in f.processed:
         if out[i] is not None:
             out[i] = process(out[i])
     if f.positional:
-        return out
+        return tuple(out)
     return dict(zip((name for name, _, _ in f.params), out, strict=True))
 
 
@@ -125,8 +126,7 @@ def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
     watched (SQLAlchemy's cursor events, its echo or log at INFO: tests, tracing, debugging),
     through ``exec_driver_sql``: the watchers see every statement, at SQLAlchemy's cost."""
     if isinstance(conn, Connection) and _watched(conn):
-        result = conn.exec_driver_sql(sql, params if many or isinstance(params, dict)
-                                      else tuple(params))
+        result = conn.exec_driver_sql(sql, params)
         description = result.cursor.description if fetch else None
         return result.rowcount, description, list(result.fetchall()) if fetch else []
     cursor = conn.connection.dbapi_connection.cursor()
@@ -179,8 +179,7 @@ def execute_many(conn: Conn, statement: Any, rows: Sequence[Mapping[str, Any]]) 
         return
     f = form(statement, conn.dialect, tuple(rows[0]), many=True)
     if len(rows) == 1:  # one item's intake or record: no distinct values to share
-        values = bind(f, rows[0])
-        _run(conn, f.sql, [tuple(values) if f.positional else values], many=True, fetch=False)
+        _run(conn, f.sql, [bind(f, rows[0])], many=True, fetch=False)
         return
     # A column at a time: each row's values in order, then each typed column converted.
     columns = [[row[name] for row in rows] if given is _FROM_ROW else [given] * len(rows)
