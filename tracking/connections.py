@@ -99,12 +99,12 @@ class DriverConnection:
         self.connection.invalidate(exception)
 
 
-def watched(engine: Engine) -> bool:
-    """Whether someone watches the engine's statements: SQLAlchemy's cursor events (tests,
-    tracing), its echo or its log at INFO."""
-    events = engine.dispatch
+def watched(target: Engine | Connection) -> bool:
+    """Whether someone watches the statements of an engine (or of one of its connections):
+    SQLAlchemy's cursor events (tests, tracing), its echo or its log at INFO."""
+    events = target.dispatch  # a connection's include its engine's
     return bool(events.before_cursor_execute or events.after_cursor_execute
-                or engine.logger.isEnabledFor(logging.INFO))
+                or target.engine.logger.isEnabledFor(logging.INFO))
 
 
 @contextmanager

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import logging
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tracking.connections import DriverConnection, close_cursor, driver_error
+from tracking.connections import DriverConnection, close_cursor, driver_error, watched
 
 Processor = Callable[[Any], Any] | None
 # A Connection, or a write_transaction's connection (only used when nobody watches).
@@ -125,7 +124,7 @@ def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
     """The driver's row count, description and rows. When the engine's statements are
     watched (SQLAlchemy's cursor events, its echo or log at INFO: tests, tracing, debugging),
     through ``exec_driver_sql``: the watchers see every statement, at SQLAlchemy's cost."""
-    if isinstance(conn, Connection) and _watched(conn):
+    if isinstance(conn, Connection) and watched(conn):
         result = conn.exec_driver_sql(sql, params)
         description = result.cursor.description if fetch else None
         return result.rowcount, description, list(result.fetchall()) if fetch else []
@@ -143,11 +142,6 @@ def _run(conn: Conn, sql: str, params: Any, *, many: bool, fetch: bool
     finally:
         close_cursor(conn, cursor)
 
-
-def _watched(conn: Connection) -> bool:
-    events = conn.dispatch
-    return bool(events.before_cursor_execute or events.after_cursor_execute
-                or conn.engine.logger.isEnabledFor(logging.INFO))
 
 
 def typed_rows(f: Form, dialect: sa.Dialect, description: Any, raw: list[Any]) -> list[Any]:
