@@ -33,7 +33,9 @@ mostly avoids the stalls.
 Then batch granularity: ``--batch-items`` fresh items (default 100,000) of a process with
 three idempotent no-op platforms (so 3 stages each) through
 ``resume_flow(granularity="batch", batch_size=--batch-size)`` with concurrency 4 (one run
-takes every stage from A to C): stages per second, intake not included. The runs send no
+takes every stage from A to C): stages per second, intake not included, best and median of
+``--batch-repeats`` runs (default 3: one 30-second run moves by ±10% on a shared machine,
+which is the target's margin). The runs send no
 Prefect events (``TRACKING_SEND_EVENTS=false``) unless ``--send-events``: sending the
 outcomes is a separate step at the end of a run, not the cost of running stages.
 
@@ -824,7 +826,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-concurrency", default="4",
                         help="comma-separated concurrencies of the batch runs")
-    parser.add_argument("--batch-repeats", type=int, default=1)
+    parser.add_argument("--batch-repeats", type=int, default=3,
+                        help="runs of each batch measurement (each on fresh items)")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to pause after the server caught up")
     parser.add_argument("--database-url", default=None,
