@@ -35,9 +35,9 @@ three idempotent no-op platforms (so 3 stages each) through
 ``resume_flow(granularity="batch", batch_size=--batch-size)`` with concurrency 4 (one run
 takes every stage from A to C): stages per second, intake not included, best and median of
 ``--batch-repeats`` runs (default 3: one 30-second run moves by ±10% on a shared machine,
-which is the target's margin). The runs send no
-Prefect events (``TRACKING_SEND_EVENTS=false``) unless ``--send-events``: sending the
-outcomes is a separate step at the end of a run, not the cost of running stages.
+which is the target's margin). The runs send no Prefect events
+(``TRACKING_SEND_EVENTS=false``) unless ``--send-events``: sending the outcomes is a
+separate step at the end of a run, not the cost of running stages.
 
 Targets (the issue): tracked/bare <= 1.25 per task run; batch granularity >= 10,000 stages/s
 on SQLite, >= 3,000 on PostgreSQL.

@@ -102,7 +102,7 @@ class DriverConnection:
 def watched(target: Engine | Connection) -> bool:
     """Whether someone watches the statements of an engine (or of one of its connections):
     SQLAlchemy's cursor events (tests, tracing), its echo or its log at INFO."""
-    events = target.dispatch  # a connection's include its engine's
+    events = target.dispatch  # a connection's listeners include its engine's
     return bool(events.before_cursor_execute or events.after_cursor_execute
                 or target.engine.logger.isEnabledFor(logging.INFO))
 
