@@ -13,8 +13,9 @@ The script
    hundred requests/s on a small machine; ``--client httpx`` uses httpx anyway):
    ``--creates`` (default 2,000) ``POST /transactions`` with distinct payloads, ``--repeats``
    times (default 3; the best run and the median rate are reported), the first run's payloads
-   once more (duplicates: ``200``), then ``--summaries`` (default 1,000) ``GET /reports/summary`` (default window: the last 30 days,
-   so every seeded row is counted) at the same concurrency, and again one at a time;
+   once more (duplicates: ``200``), then ``--summaries`` (default 1,000)
+   ``GET /reports/summary`` (default window: the last 30 days, so every seeded row is
+   counted) at the same concurrency, and again one at a time;
 4. prints requests/s, p50 and p99 latency per scenario and writes them as JSON to
    ``bench/results/api-<sqlite|postgresql>[-uvloop].json`` (``-uvloop`` when uvicorn found
    httptools/uvloop, i.e. ``uvicorn[standard]`` is installed).

@@ -23,6 +23,17 @@ from tracking.db import current_revision, head_revision
 POSTGRES_ENV = "TRACKING_TEST_POSTGRES_URL"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How ``make test`` shares the tests between its pytest-xdist workers (``--dist
+    loadgroup``): the slow end-to-end tests run one after another in one worker (each
+    starts servers and processes of its own, timed by leases and heartbeats: two at once on
+    a small machine would starve each other), and the other tests of a module stay together
+    (its module-scoped fixtures are made once)."""
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        item.add_marker(pytest.mark.xdist_group("slow" if slow else item.nodeid.split("::")[0]))
+
+
 class FakeClock:
     """A controllable UTC clock for the tracker (no sleeping in tests)."""
 

@@ -34,7 +34,8 @@ def test_get_transaction_has_stages_and_events(client):
     assert [e["kind"] for e in body["events"]] == ["CREATED"]
 
 
-@pytest.mark.parametrize("uuid", [str(uuid_lib.uuid4()), "not-a-uuid", "x" * 300, "%00"])
+@pytest.mark.parametrize("uuid", [str(uuid_lib.uuid4()), "not-a-uuid", "x" * 300, "%00"],
+                         ids=["unknown-uuid", "not-a-uuid", "long", "nul"])
 def test_unknown_transaction_is_404(client, uuid):
     for method, path in (
         ("GET", f"/transactions/{uuid}"),

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -95,8 +97,17 @@ def test_dry_run_with_older_than_covers_every_process(cli, engine, scene):
     assert len(uuids(engine)) == 5
 
 
-def test_purge_archives_deletes_and_records_it(cli, engine, scene, tmp_path):
-    path = tmp_path / "purged.jsonl"
+@pytest.fixture
+def short_dir():
+    """A directory with a short path: the history table folds a long one (pytest's own
+    tmp_path under pytest-xdist) across lines of its cell, so a file name would not read
+    whole."""
+    with tempfile.TemporaryDirectory(prefix="purge-") as directory:
+        yield Path(directory)
+
+
+def test_purge_archives_deletes_and_records_it(cli, engine, scene, short_dir):
+    path = short_dir / "purged.jsonl"
     result = cli("purge", "--yes", "--archive", path, "--chunk-size", "1")
     assert result.code == 0, result.err
     assert "KEPT: purged 2 transactions (2 stages, 4 events)" in result.out
@@ -108,7 +119,7 @@ def test_purge_archives_deletes_and_records_it(cli, engine, scene, tmp_path):
     assert history.code == 0 and "KEPT" in history.out and "purged.jsonl" in history.out
     assert "cli:" in history.out
 
-    csv_path = tmp_path / "forever.csv"
+    csv_path = short_dir / "forever.csv"
     result = cli("purge", "--older-than", "90d", "--yes", "--archive", csv_path)
     assert result.code == 0, result.err
     assert "FOREVER: purged 1 transaction" in result.out

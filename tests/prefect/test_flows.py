@@ -169,6 +169,7 @@ def test_batch_granularity_tracks_every_item(sqlite_env):
     assert event.flow_run_id == summary["flow_run_id"] and event.task_run_id
 
 
+@pytest.mark.slow  # 300 task runs: next to another end-to-end test, 5x as long
 def test_two_concurrent_resume_runs_never_double_process(env):
     flow_processes.executions.clear()
     tracker = Tracker(connect(env, migrate=True), processes=[busy])
