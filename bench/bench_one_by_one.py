@@ -6,7 +6,9 @@ A machine that is twice as slow today halves every absolute figure; the ratios t
 earlier revision (same machine, same minute, alternated) and to the floor do not move. The
 floor replays the very statements one ``start_or_resume`` of a tree executes (on its schema,
 indexes and triggers included) through the bare ``sqlite3`` driver, one committed
-transaction per item: what a durable item-at-a-time intake costs before any Python of ours.
+transaction per item: what a durable item-at-a-time intake costs before any Python of ours;
+and likewise the statements of one ``complete_stage`` (a started first stage succeeds, the
+second becomes runnable), for the first stage of each item.
 With ``--against``, each tree has its own floor: the earlier revision's schema did less per
 item (fewer indexes, no counts kept by triggers).
 
@@ -72,46 +74,124 @@ def measure(tree: str, n: int, workdir: str) -> dict[str, Any]:
 
 def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the statements of one ``start_or_resume`` replayed ``n`` times
-    through the bare driver, each item committed alone."""
+    through the bare driver, each item committed alone; then those of one ``complete_stage``
+    (a claimed, started first stage) replayed for each of the ``n`` items the same way."""
     _import_tracking_of(tree)
     from sqlalchemy import event
 
-    from tracking import KeyFields, Platform, Process, RetryPolicy, Tracker, connect
+    from tracking import (
+        ExecutionResult,
+        KeyFields,
+        Platform,
+        Process,
+        RetryPolicy,
+        Tracker,
+        connect,
+    )
 
     engine = connect(f"sqlite:///{workdir}/floor.db", migrate=True)
     tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
     seen: list[tuple[str, Any, bool]] = []
+
+    def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
+        seen.append((stmt, params, many))
+
     # A watched engine runs even the driver's statements through SQLAlchemy: all are seen.
-    event.listen(engine, "before_cursor_execute",
-                 lambda _c, _cur, stmt, params, _ctx, many: seen.append((stmt, params, many)))
+    event.listen(engine, "before_cursor_execute", watch)
     first = tracker.start_or_resume("ONE", _payloads(1)[0])[0]
-    statements = [s for s in seen if not s[0].startswith("BEGIN")]
+    event.remove(engine, "before_cursor_execute", watch)
+    intake = _written(seen)
     # The driver's connection as the engine set it up (the project's pragmas: WAL,
     # synchronous, cache, checkpoint interval, foreign keys), used bare.
     raw = engine.raw_connection()
     db = raw.driver_connection
 
-    def fresh(params: Any, new: str) -> list[Any]:
-        # The new item's uuid wherever the first one's was; its fingerprint unique too.
-        return [new if v == first else v for v in params]
-
     t0 = time.perf_counter()
     for _ in range(n):
         new = str(uuid_utils.uuid7())  # as this project makes them (they sort by time)
         db.execute("BEGIN IMMEDIATE")
-        for stmt, params, many in statements:
+        for stmt, params, many in intake:
             if many:
-                db.executemany(stmt, [fresh(p, new) for p in params])
+                db.executemany(stmt, [_swap(p, {first: new}) for p in params])
             else:
-                values = fresh(params, new)
+                values = _swap(params, {first: new})
                 if stmt.startswith("INSERT INTO tx_process"):
-                    values[2] = new  # the fingerprint column
+                    values[2] = new  # the fingerprint column: unique too
                 db.execute(stmt, values)
         db.execute("COMMIT")
-    rate = n / (time.perf_counter() - t0)
+    intake_rate = n / (time.perf_counter() - t0)
+    (items,) = db.execute("SELECT count(*) FROM tx_process").fetchone()
+    if items != n + 1:
+        raise SystemExit(f"start_or_resume replay: {items} transactions, not {n + 1}")
+    raw.close()
+    return {"intake_per_s": intake_rate,
+            "complete_stage_per_s": _complete_floor(tracker, engine, ExecutionResult, n)}
+
+
+def _complete_floor(tracker: Any, engine: Any, ExecutionResult: Any, n: int) -> float:
+    """``complete_stage``'s statements (first stage done, the second made runnable) replayed
+    through the bare driver for the first stage of ``n`` items, each committed alone."""
+    from sqlalchemy import event
+
+    claimed = []
+    while len(claimed) < n + 1:  # not timed: reserve and start every first stage
+        batch = tracker.claim("ONE", "A", owner="w", limit=500)
+        if not batch:
+            break
+        for s in batch:
+            if hasattr(tracker, "start_attempt"):  # older revisions count at the claim
+                tracker.start_attempt(s.uuid, "A", s.stage, owner="w")
+        claimed += batch
+    raw = engine.raw_connection()
+    db = raw.driver_connection
+    ids = {u: (a, b) for u, a, b in db.execute(
+        "SELECT s.uuid, s.id, n.id FROM tx_stage s JOIN tx_stage n ON n.uuid = s.uuid "
+        "AND n.platform = 'B' WHERE s.platform = 'A'")}
+    # The captured stage has the largest ids: no other value of its statements equals them.
+    last = max(claimed, key=lambda s: ids[s.uuid][0])
+    seen: list[tuple[str, Any, bool]] = []
+
+    def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
+        seen.append((stmt, params, many))
+
+    event.listen(engine, "before_cursor_execute", watch)
+    tracker.complete_stage(last.uuid, "A", ExecutionResult(0), stage=last.stage, owner="w")
+    event.remove(engine, "before_cursor_execute", watch)
+    statements = _written(seen)
+    a, b = ids[last.uuid]
+    others = [s.uuid for s in claimed if s.uuid != last.uuid][:n]
+    t0 = time.perf_counter()
+    for uuid in others:
+        swap = {last.uuid: uuid, a: ids[uuid][0], b: ids[uuid][1]}
+        db.execute("BEGIN IMMEDIATE")
+        for stmt, params, many in statements:
+            if many:
+                db.executemany(stmt, [_swap(p, swap) for p in params])
+            else:
+                db.execute(stmt, _swap(params, swap)).fetchall()  # the locking reads' rows
+        db.execute("COMMIT")
+    rate = len(others) / (time.perf_counter() - t0)
+    # A replay that matched no row would be fast and wrong: every first stage is done, and
+    # every second one runnable, as complete_stage leaves them.
+    done, runnable = db.execute(
+        "SELECT sum(platform = 'A' AND state = 'COMPLETED'), "
+        "sum(platform = 'B' AND next_attempt_at IS NOT NULL) FROM tx_stage").fetchone()
+    if done != len(others) + 1 or runnable != done:
+        raise SystemExit(f"complete_stage replay: {done} first stages completed, {runnable} "
+                         f"second ones runnable, of {len(others) + 1}")
     raw.close()
     engine.dispose()
-    return {"intake_per_s": rate}
+    return rate
+
+
+def _written(seen: list[tuple[str, Any, bool]]) -> list[tuple[str, Any, bool]]:
+    """The statements of one call, without the transaction's BEGIN (the replay's own)."""
+    return [s for s in seen if not s[0].startswith("BEGIN")]
+
+
+def _swap(params: Any, new: dict[Any, Any]) -> list[Any]:
+    """The parameters with each value that ``new`` names replaced (an item's uuid, ids)."""
+    return [new.get(v, v) if isinstance(v, str | int) else v for v in params]
 
 
 def _import_tracking_of(tree: str) -> None:
@@ -211,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{columns[k]} {mine[k] / b[k]:.2f}x" for k in columns if k in b))
     for name in trees:
         own = best[f"sqlite3 floor{'' if name == 'this tree' else f' ({name})'}"]
-        print(f"  {name}: start_or_resume at {best[name]['intake_per_s'] / own['intake_per_s']:.2f}"
-              " of its own floor (its statements, bare)")
+        print(f"  {name}: " + ", ".join(
+            f"{columns[k]} at {best[name][k] / own[k]:.2f}" for k in own)
+            + " of its own floor (its statements, bare)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"n": args.n, "repeats": args.repeats,
                                        "against": args.against, "runs": runs, "best": best},

@@ -14,6 +14,7 @@ SQLite and ``timestamptz`` on PostgreSQL).
 """
 
 import enum
+import functools
 from datetime import UTC, datetime
 from typing import Any, Optional, TypeVar
 
@@ -73,15 +74,8 @@ class UTCDateTime(sa.types.TypeDecorator):
     def bind_processor(self, dialect: sa.Dialect) -> Any:
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
-        check = self.process_bind_param
-
         def process(value: datetime | None) -> str | None:
-            if value is None:
-                return None
-            if value.tzinfo is not UTC:
-                value = check(value, dialect)  # naive refused, else moved to UTC
-                return value.isoformat(" ", "microseconds")
-            return value.isoformat(" ", "microseconds")[:26]
+            return None if value is None else _sqlite_text(value)
 
         return process
 
@@ -96,6 +90,17 @@ class UTCDateTime(sa.types.TypeDecorator):
             return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
         return process
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_text(value: datetime) -> str:
+    """The text SQLite stores for an aware datetime (naive refused), made once per instant:
+    one write binds the same ``now`` to several columns and statements."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")

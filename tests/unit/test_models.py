@@ -1,14 +1,17 @@
 """``models.from_row``: the instance a whole database row builds, as ``model_construct``
 builds it (it stands in for it on the hot paths, so a pydantic upgrade that changes what an
-instance holds must fail here)."""
+instance holds must fail here); ``UTCDateTime``: the text a timestamp is stored as on SQLite."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
-from tracking.models import StageState, TxProcess, TxStage, TxState, from_row
+import pytest
+import sqlalchemy as sa
+
+from tracking.models import StageState, TxProcess, TxStage, TxState, UTCDateTime, from_row
 
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
 
@@ -50,3 +53,19 @@ def test_from_row_works_before_anything_else_set_the_mappers_up() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert (done.returncode, done.stdout.strip()) == (0, "1"), done.stderr[-2000:]
+
+
+def test_sqlite_timestamps_are_stored_as_utc_text_whatever_the_zone_and_naive_refused() -> None:
+    """One instant is one stored text (the timestamps compare as text on SQLite), from any
+    zone, also after the same instant was bound before (the conversions are remembered);
+    a naive value is refused even when an equal aware one was just bound."""
+    bind = UTCDateTime().bind_processor(sa.create_engine("sqlite://").dialect)
+    at = datetime(2026, 12, 7, 21, 30, 5, 120, tzinfo=UTC)
+    paris = at.astimezone(timezone(timedelta(hours=1)))
+    assert bind(at) == "2026-12-07 21:30:05.000120"
+    assert bind(paris) == bind(at) == "2026-12-07 21:30:05.000120"
+    assert bind(datetime(2026, 12, 7, 22, 30, 5, tzinfo=timezone(timedelta(hours=1)))) \
+        == "2026-12-07 21:30:05.000000"
+    assert bind(None) is None
+    with pytest.raises(ValueError, match="naive datetime"):
+        bind(at.replace(tzinfo=None))
