@@ -37,19 +37,8 @@ RESULTS = ROOT / "bench" / "results" / "one-by-one.json"
 def measure(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the rates of ``tree``'s tracking package (whatever its age: only
     the API every revision has is used)."""
-    _import_tracking_of(tree)
-    from tracking import (
-        ExecutionResult,
-        KeyFields,
-        Platform,
-        Process,
-        RetryPolicy,
-        Tracker,
-        connect,
-    )
-
-    engine = connect(f"sqlite:///{workdir}/one.db", migrate=True)
-    tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
+    tracking, engine, tracker = _open(tree, f"{workdir}/one.db")
+    ExecutionResult = tracking.ExecutionResult
     t0 = time.perf_counter()
     for p in _payloads(n):
         tracker.start_or_resume("ONE", p, source="bench")
@@ -76,21 +65,9 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the statements of one ``start_or_resume`` replayed ``n`` times
     through the bare driver, each item committed alone; then those of one ``complete_stage``
     (a claimed, started first stage) replayed for each of the ``n`` items the same way."""
-    _import_tracking_of(tree)
     from sqlalchemy import event
 
-    from tracking import (
-        ExecutionResult,
-        KeyFields,
-        Platform,
-        Process,
-        RetryPolicy,
-        Tracker,
-        connect,
-    )
-
-    engine = connect(f"sqlite:///{workdir}/floor.db", migrate=True)
-    tracker = Tracker(engine, processes=[_process(Process, Platform, RetryPolicy, KeyFields)])
+    tracking, engine, tracker = _open(tree, f"{workdir}/floor.db")
     seen: list[tuple[str, Any, bool]] = []
 
     def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
@@ -125,7 +102,7 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
         raise SystemExit(f"start_or_resume replay: {items} transactions, not {n + 1}")
     raw.close()
     return {"intake_per_s": intake_rate,
-            "complete_stage_per_s": _complete_floor(tracker, engine, ExecutionResult, n)}
+            "complete_stage_per_s": _complete_floor(tracker, engine, tracking.ExecutionResult, n)}
 
 
 def _complete_floor(tracker: Any, engine: Any, ExecutionResult: Any, n: int) -> float:
@@ -194,6 +171,16 @@ def _swap(params: Any, new: dict[Any, Any]) -> list[Any]:
     return [new.get(v, v) if isinstance(v, str | int) else v for v in params]
 
 
+def _open(tree: str, path: str) -> tuple[Any, Any, Any]:
+    """``tree``'s tracking package, an engine on a new SQLite file at ``path`` (migrated), and
+    a tracker of the benchmark's process on it."""
+    _import_tracking_of(tree)
+    import tracking
+
+    engine = tracking.connect(f"sqlite:///{path}", migrate=True)
+    return tracking, engine, tracking.Tracker(engine, processes=[_process(tracking)])
+
+
 def _import_tracking_of(tree: str) -> None:
     """Import ``tree``'s tracking package, not the one this venv has installed (which would
     measure this tree twice without a word)."""
@@ -204,9 +191,9 @@ def _import_tracking_of(tree: str) -> None:
         raise SystemExit(f"imported {tracking.__file__}, not the tracking package of {tree}")
 
 
-def _process(Process: Any, Platform: Any, RetryPolicy: Any, KeyFields: Any) -> Any:
-    return Process("ONE", dedup=KeyFields("id"), platforms=[
-        Platform(code, order=k + 1, retry=RetryPolicy(max_attempts=3))
+def _process(tracking: Any) -> Any:
+    return tracking.Process("ONE", dedup=tracking.KeyFields("id"), platforms=[
+        tracking.Platform(code, order=k + 1, retry=tracking.RetryPolicy(max_attempts=3))
         for k, code in enumerate("ABC")])
 
 
