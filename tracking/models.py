@@ -55,9 +55,7 @@ class UTCDateTime(sa.types.TypeDecorator):
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
-        value = value.astimezone(UTC)
+        value = _as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> Any:
@@ -75,7 +73,7 @@ class UTCDateTime(sa.types.TypeDecorator):
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
         def process(value: datetime | None) -> str | None:
-            return None if value is None else _sqlite_text(value)
+            return None if value is None else _sqlite_text(_as_utc(value))
 
         return process
 
@@ -92,14 +90,19 @@ class UTCDateTime(sa.types.TypeDecorator):
         return process
 
 
-@functools.lru_cache(maxsize=64)
-def _sqlite_text(value: datetime) -> str:
-    """The text SQLite stores for an aware datetime (naive refused), made once per instant:
-    one write binds the same ``now`` to several columns and statements."""
+def _as_utc(value: datetime) -> datetime:
+    """An aware datetime in UTC; a naive one refused."""
     if value.tzinfo is None:
         raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_text(value: datetime) -> str:
+    """The text SQLite stores for a UTC datetime, made once per instant: one write binds
+    the same ``now`` to several columns and statements. UTC values only: in a zone with
+    summer time, the two 02:30 of the repeated hour are equal to Python (same zone, same
+    wall time) but an hour apart, and would share one cached text."""
     return value.isoformat(" ", "microseconds")[:26]
 
 

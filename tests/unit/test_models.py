@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -69,3 +70,14 @@ def test_sqlite_timestamps_are_stored_as_utc_text_whatever_the_zone_and_naive_re
     assert bind(None) is None
     with pytest.raises(ValueError, match="naive datetime"):
         bind(at.replace(tzinfo=None))
+
+
+def test_the_repeated_hour_of_a_dst_change_is_stored_as_two_instants() -> None:
+    """At the end of summer time 02:30 in Paris happens twice (``fold`` 0 and 1): Python
+    calls the two equal (same zone, same wall time), but they are an hour apart and must be
+    stored so, whichever was bound first."""
+    bind = UTCDateTime().bind_processor(sa.create_engine("sqlite://").dialect)
+    first = datetime(2026, 10, 25, 2, 30, tzinfo=ZoneInfo("Europe/Paris"))
+    second = first.replace(fold=1)
+    assert bind(first) == "2026-10-25 00:30:00.000000"
+    assert bind(second) == "2026-10-25 01:30:00.000000"
