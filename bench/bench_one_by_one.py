@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +66,10 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
     """In a child process: the statements of one ``start_or_resume`` replayed ``n`` times
     through the bare driver, each item committed alone; then those of one ``complete_stage``
     (a claimed, started first stage) replayed for each of the ``n`` items the same way."""
-    from sqlalchemy import event
-
     tracking, engine, tracker = _open(tree, f"{workdir}/floor.db")
-    seen: list[tuple[str, Any, bool]] = []
-
-    def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
-        seen.append((stmt, params, many))
-
-    # A watched engine runs even the driver's statements through SQLAlchemy: all are seen.
-    event.listen(engine, "before_cursor_execute", watch)
-    first = tracker.start_or_resume("ONE", _payloads(1)[0])[0]
-    event.remove(engine, "before_cursor_execute", watch)
-    intake = _written(seen)
+    intake, started = _statements_of(
+        engine, lambda: tracker.start_or_resume("ONE", _payloads(1)[0]))
+    first = started[0]  # the new transaction's uuid
     # The driver's connection as the engine set it up (the project's pragmas: WAL,
     # synchronous, cache, checkpoint interval, foreign keys), used bare.
     raw = engine.raw_connection()
@@ -102,14 +94,12 @@ def floor(tree: str, n: int, workdir: str) -> dict[str, Any]:
         raise SystemExit(f"start_or_resume replay: {items} transactions, not {n + 1}")
     raw.close()
     return {"intake_per_s": intake_rate,
-            "complete_stage_per_s": _complete_floor(tracker, engine, tracking.ExecutionResult, n)}
+            "complete_stage_per_s": _complete_floor(tracking, tracker, engine, n)}
 
 
-def _complete_floor(tracker: Any, engine: Any, ExecutionResult: Any, n: int) -> float:
+def _complete_floor(tracking: Any, tracker: Any, engine: Any, n: int) -> float:
     """``complete_stage``'s statements (first stage done, the second made runnable) replayed
     through the bare driver for the first stage of ``n`` items, each committed alone."""
-    from sqlalchemy import event
-
     claimed = []
     while len(claimed) < n + 1:  # not timed: reserve and start every first stage
         batch = tracker.claim("ONE", "A", owner="w", limit=500)
@@ -126,15 +116,8 @@ def _complete_floor(tracker: Any, engine: Any, ExecutionResult: Any, n: int) -> 
         "AND n.platform = 'B' WHERE s.platform = 'A'")}
     # The captured stage has the largest ids: no other value of its statements equals them.
     last = max(claimed, key=lambda s: ids[s.uuid][0])
-    seen: list[tuple[str, Any, bool]] = []
-
-    def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
-        seen.append((stmt, params, many))
-
-    event.listen(engine, "before_cursor_execute", watch)
-    tracker.complete_stage(last.uuid, "A", ExecutionResult(0), stage=last.stage, owner="w")
-    event.remove(engine, "before_cursor_execute", watch)
-    statements = _written(seen)
+    statements, _ = _statements_of(engine, lambda: tracker.complete_stage(
+        last.uuid, "A", tracking.ExecutionResult(0), stage=last.stage, owner="w"))
     a, b = ids[last.uuid]
     others = [s.uuid for s in claimed if s.uuid != last.uuid][:n]
     t0 = time.perf_counter()
@@ -161,9 +144,24 @@ def _complete_floor(tracker: Any, engine: Any, ExecutionResult: Any, n: int) -> 
     return rate
 
 
-def _written(seen: list[tuple[str, Any, bool]]) -> list[tuple[str, Any, bool]]:
-    """The statements of one call, without the transaction's BEGIN (the replay's own)."""
-    return [s for s in seen if not s[0].startswith("BEGIN")]
+def _statements_of(engine: Any, call: Callable[[], Any]
+                   ) -> tuple[list[tuple[str, Any, bool]], Any]:
+    """The statements ``call`` runs on ``engine`` (SQL, parameters, executemany or not),
+    without the transaction's BEGIN (a replay has its own), and what it returned."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, Any, bool]] = []
+
+    def watch(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, many: bool) -> None:
+        seen.append((stmt, params, many))
+
+    # A watched engine runs even the driver's statements through SQLAlchemy: all are seen.
+    event.listen(engine, "before_cursor_execute", watch)
+    try:
+        returned = call()
+    finally:
+        event.remove(engine, "before_cursor_execute", watch)
+    return [s for s in seen if not s[0].startswith("BEGIN")], returned
 
 
 def _swap(params: Any, new: dict[Any, Any]) -> list[Any]:
