@@ -79,8 +79,10 @@ from tracking.db import normalise_url  # noqa: E402
 PROCESS = "BENCH"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLAIM_LIMIT = 100
-TARGET_INTAKE_PER_S = 1_000
-TARGET_COMPLETE_PER_S = 1_000
+# The speed issue's one-by-one rates (an earlier issue asked 1,000/s) and claim latency kept
+# flat in N.
+TARGET_INTAKE_PER_S = 2_000
+TARGET_COMPLETE_PER_S = 2_000
 TARGET_CLAIM_RATIO = 2.0
 
 

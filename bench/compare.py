@@ -569,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown file (default bench/RESULTS.md; with --quick "
                         "bench/results/compare-quick.md)")
     parser.add_argument("--no-companions", action="store_true",
-                        help="skip the Prefect-layer and HTTP API benchmarks that run after "
-                        "the comparison (bench_prefect.py, bench_api.py)")
+                        help="skip the benchmarks that run after the comparison (bench_prefect.py, "
+                        "bench_store.py, bench_one_by_one.py, bench_api.py)")
     parser.add_argument("--postgres-url",
                         default=os.environ.get("TRACKING_TEST_POSTGRES_URL",
                                                "postgresql://postgres@127.0.0.1:5432/test"),
@@ -657,6 +657,12 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
              "--output", str(_rel(RESULTS_DIR / "compare-prefect-postgresql.json"))],
             RESULTS_DIR / "compare-prefect-postgresql.json"))
     out.append((
+        "Store, SQLite: claim latency at N = 10,000 and 100,000 (flat in N), one-by-one rates "
+        "on a table of N",
+        ["bench/bench_store.py", *quick,
+         "--output", str(_rel(RESULTS_DIR / "compare-store-sqlite.json"))],
+        RESULTS_DIR / "compare-store-sqlite.json"))
+    out.append((
         f"One by one, SQLite: this tree against the code of the issue's time ({ISSUE_BASELINE}) "
         "and against the bare driver's floor, alternated",
         ["bench/bench_one_by_one.py", "--against", ISSUE_BASELINE, *quick,
@@ -664,7 +670,9 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
         RESULTS_DIR / "compare-one-by-one.json"))
     out.append((
         "HTTP API, SQLite: `POST /transactions` and `GET /reports/summary` at 100k rows",
-        ["bench/bench_api.py", *quick], RESULTS_DIR / "api-sqlite.json"))
+        # bench_api.py names its JSON file itself (a quick run's apart).
+        ["bench/bench_api.py", *quick],
+        RESULTS_DIR / f"api-sqlite{'-quick' if args.quick else ''}.json"))
     return out
 
 
@@ -672,6 +680,7 @@ def run_companions(args: argparse.Namespace) -> list[dict[str, Any]]:
     done = []
     for title, command, json_file in companion_commands(args):
         log(f"{title}: {' '.join(command)}")
+        json_file.unlink(missing_ok=True)  # an earlier run's figures are never reported
         began = time.perf_counter()
         proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True,
                               text=True)
@@ -689,7 +698,7 @@ def run_companions(args: argparse.Namespace) -> list[dict[str, Any]]:
 def companion_targets(entry: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(target, figure, met) of a companion's result."""
     result = entry["result"]
-    if "meta" in result:  # bench_prefect.py
+    if "meta" in result:  # bench_prefect.py, bench_store.py
         return [(t["name"].strip(), t["detail"], t["met"]) for t in result["meta"]["targets"]]
     if "best" in result:  # bench_one_by_one.py
         return one_by_one_targets(result)
@@ -737,8 +746,8 @@ def one_by_one_targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
 def render_companions(companions: list[dict[str, Any]]) -> str:
     if not companions:
         return ""
-    lines = ["", "## The Prefect layer, the one-by-one paths and the HTTP API (the same run, "
-             "after the comparison)", ""]
+    lines = ["", "## The Prefect layer, the store, the one-by-one paths and the HTTP API "
+             "(the same run, after the comparison)", ""]
     for entry in companions:
         lines += [f"### {entry['title']}", "",
                   f"`{entry['command']}` ({entry['seconds']:,.0f} s)", ""]
