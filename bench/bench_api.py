@@ -17,8 +17,8 @@ The script
    ``GET /reports/summary`` (default window: the last 30 days, so every seeded row is
    counted) at the same concurrency, and again one at a time;
 4. prints requests/s, p50 and p99 latency per scenario and writes them as JSON to
-   ``bench/results/api-<sqlite|postgresql>[-uvloop].json`` (``-uvloop`` when uvicorn found
-   httptools/uvloop, i.e. ``uvicorn[standard]`` is installed).
+   ``bench/results/api-<sqlite|postgresql>[-quick][-httpx][-uvloop].json`` (``-uvloop`` when
+   uvicorn found httptools/uvloop, i.e. ``uvicorn[standard]`` is installed), or ``--output``.
 
 Targets (issue #4): >= 1,000 creates/s and a summary p99 < 50 ms at 100k transactions.
 
@@ -447,6 +447,9 @@ def main() -> None:
         "--uvicorn-args", default="", help='extra uvicorn options, e.g. "--http httptools"'
     )
     parser.add_argument("--quick", action="store_true", help="5k rows, 500 creates")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON results file (default bench/results/api-<database>"
+                        "[-quick][-httpx][-uvloop].json)")
     args = parser.parse_args()
     if args.quick:
         args.seed, args.creates, args.summaries, args.repeats = 5000, 500, 200, 1
@@ -466,13 +469,13 @@ def main() -> None:
             rates = ", ".join(f"{run['requests_per_s']:,.0f}" for run in report["create_runs"])
             print(f"  {'':<20} best of {len(report['create_runs'])} runs ({rates} req/s), "
                   f"median {report['create_median_per_s']:,.0f} req/s")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("-quick" if args.quick else "") + ("-httpx" if args.client == "httpx" else "")
     if "httptools" in report["uvicorn"] or "uvloop" in report["uvicorn"]:
         suffix += "-uvloop"
-    out = RESULTS / f"api-{report['database']}{suffix}.json"
+    out = args.output or RESULTS / f"api-{report['database']}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 if __name__ == "__main__":

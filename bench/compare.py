@@ -670,9 +670,9 @@ def companion_commands(args: argparse.Namespace) -> list[tuple[str, list[str], P
         RESULTS_DIR / "compare-one-by-one.json"))
     out.append((
         "HTTP API, SQLite: `POST /transactions` and `GET /reports/summary` at 100k rows",
-        # bench_api.py names its JSON file itself (a quick run's apart).
-        ["bench/bench_api.py", *quick],
-        RESULTS_DIR / f"api-sqlite{'-quick' if args.quick else ''}.json"))
+        ["bench/bench_api.py", *quick,
+         "--output", str(_rel(RESULTS_DIR / "compare-api-sqlite.json"))],
+        RESULTS_DIR / "compare-api-sqlite.json"))
     return out
 
 
